@@ -1,0 +1,317 @@
+"""The `opc` command line.
+
+Exit codes: 0 ok, 1 invalid model or compile failure, 2 usage error, 3 verification
+mismatch, 130 interrupted. Errors are one line on stderr; --debug (anywhere on the
+command line) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from opc.errors import EXIT_INTERRUPTED, EXIT_MISMATCH, EXIT_USAGE, OpcError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="opc: an ONNX graph-rewriting compiler (fold, quantize, prune, plan, tune).")
+
+_DEBUG = False
+
+
+def _out(text: str = "") -> None:
+    typer.echo(text)
+
+
+def parse_input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for item in values or []:
+        name, sep, dims = item.rpartition(":")
+        if not sep or not name:
+            raise UsageError(f"--input-shapes {item!r}: expected NAME:D1,D2,... like x:1,3,224,224")
+        try:
+            shape = tuple(int(d) for d in dims.split(",") if d.strip() != "")
+        except ValueError:
+            raise UsageError(f"--input-shapes {item!r}: dimensions must be integers") from None
+        if any(d < 0 for d in shape):
+            raise UsageError(f"--input-shapes {item!r}: dimensions must be >= 0")
+        shapes[name] = shape
+    return shapes
+
+
+def _check_shapes_against(model, shapes: dict, source: str) -> None:
+    from opc.ort import graph_inputs, input_spec
+
+    specs = {v.name: input_spec(v)[0] for v in graph_inputs(model)}
+    for name, shape in shapes.items():
+        if name not in specs:
+            raise UsageError(f"--input-shapes: '{name}' is not an input of {source} (inputs: {', '.join(specs)})")
+        dims = specs[name]
+        if len(dims) != len(shape) or any(isinstance(d, int) and d != s for d, s in zip(dims, shape)):
+            raise UsageError(f"--input-shapes: {name}:{','.join(map(str, shape))} does not fit the model's {dims}")
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.absolute().parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def print_compile_table(report, echo=_out) -> None:
+    from opc.summary import human_bytes
+
+    b, a = report.before, report.after
+    ops = sorted(set(b["ops"]) | set(a["ops"]), key=lambda op: (-max(b["ops"].get(op, 0), a["ops"].get(op, 0)), op))
+    rows = [("nodes", str(b["nodes"]), str(a["nodes"]))]
+    rows += [(f"  {op}", str(b["ops"].get(op, 0)), str(a["ops"].get(op, 0))) for op in ops]
+    rows += [
+        ("parameters", f"{b['parameters']:,}", f"{a['parameters']:,}"),
+        ("weight bytes", human_bytes(b["weight_bytes"]), human_bytes(a["weight_bytes"])),
+        ("file size", human_bytes(b["file_bytes"]), human_bytes(a["file_bytes"])),
+    ]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows + [("", "before", "")])
+    echo(f"{'':<{w0}}  {'before':>{w1}}  after")
+    for name, x, y in rows:
+        mark = "" if x == y else "  *"
+        echo(f"{name:<{w0}}  {x:>{w1}}  {y}{mark}")
+
+
+def print_pass_lines(report, echo=_out) -> None:
+    for r in report.passes:
+        stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if v not in (0, "", None)) or "no change"
+        line = f"[{r.index + 1}] {r.canonical:<28} {r.time_s * 1000:8.1f} ms  {stats}"
+        if r.verification:
+            worst = max((m["max_abs"] for m in r.verification["vs_previous"].values()), default=0.0)
+            line += f"  | max abs err {worst:.3g} " + ("(ok)" if r.verified else "(lossy)" if not r.exact else "")
+        echo(line)
+        for w in r.warnings:
+            echo(f"    warning: {w}")
+
+
+@app.command("compile")
+def compile_cmd(
+    model: Path = typer.Argument(..., help="input ONNX model"),
+    output: Path = typer.Option(..., "-o", "--output", help="where to write the optimized model"),
+    passes: Optional[str] = typer.Option(None, "--passes", "-p", help="pipeline, e.g. 'fold,quantize,plan'"),
+    calibration_data: Optional[Path] = typer.Option(None, "--calibration-data", help=".npz or folder of .npz/.npy"),
+    input_shapes: Optional[List[str]] = typer.Option(None, "--input-shapes", help="NAME:D1,D2,... (repeatable)"),
+    verify: bool = typer.Option(False, "--verify", help="compare ONNX Runtime outputs after every pass"),
+    dump_passes: Optional[Path] = typer.Option(None, "--dump-passes", help="write NN-name.onnx/.txt/.diff per pass"),
+    print_changed: bool = typer.Option(False, "--print-changed", help="print the IR diff of passes that changed"),
+    report_path: Optional[Path] = typer.Option(None, "--report", help="write the full report as JSON"),
+    allow_custom_ops: bool = typer.Option(False, "--allow-custom-ops", help="pass custom-domain ops through"),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="more output"),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="only errors and the final line"),
+):
+    """Run a pass pipeline over MODEL and write the result to OUTPUT."""
+    import opc
+    from opc.instruments import PrintChanged
+    from opc.ir import load_model, save_model
+    from opc.pipeline import parse_pipeline
+    from opc.registry import DEFAULT_PIPELINE
+
+    parse_pipeline(passes or DEFAULT_PIPELINE)  # usage errors before any heavy work
+    shapes = parse_input_shapes(input_shapes)
+    if output.exists() and output.is_dir():
+        raise UsageError(f"-o {output}: is a folder")
+    source = load_model(model)
+    _check_shapes_against(source, shapes, str(model))
+    instruments = [PrintChanged(_out)] if print_changed else []
+    if not allow_custom_ops:
+        from opc.validate import check_custom_domains
+
+        check_custom_domains(source, source=str(model))
+    calib = None
+    if calibration_data is not None:
+        from opc.data import CalibrationData
+
+        calib = CalibrationData.load(calibration_data, source)
+    try:
+        result, report = opc.compile(source, passes, calibration=calib, input_shapes=shapes, verify=verify,
+                                     dump_passes=dump_passes, instruments=instruments,
+                                     allow_custom_ops=True, progress=not quiet)
+    except OpcError as exc:
+        if report_path is not None and getattr(exc, "exit_code", 1) == EXIT_MISMATCH:
+            _write_json_atomic(report_path, {"error": str(exc)})
+        if not quiet:
+            _out("FAILED")
+        raise
+    save_model(result, output)
+    if report_path is not None:
+        _write_json_atomic(report_path, report.to_json())
+    if not quiet:
+        print_compile_table(report)
+        _out()
+        print_pass_lines(report)
+        if verbose:
+            _out(f"pipeline: {report.pipeline}")
+    _out(f"{'PASSED' if report.passed else 'FAILED'}: wrote {output} ({report.pipeline})")
+    if not report.passed:
+        raise typer.Exit(EXIT_MISMATCH)
+
+
+@app.command("passes")
+def passes_cmd(as_json: bool = typer.Option(False, "--json", help="machine-readable")):
+    """List the passes, their options (type, default, help) and the default pipeline."""
+    from opc.pass_api import type_label
+    from opc.registry import DEFAULT_PIPELINE, all_pass_classes
+
+    listing = {}
+    for name, cls in all_pass_classes().items():
+        hints = cls.option_types()
+        listing[name] = {
+            "summary": cls.summary or (cls.__doc__ or "").strip().splitlines()[0],
+            "exact": cls.exact,
+            "requires": list(cls.requires),
+            "position": cls.position,
+            "options": [{"name": f.name, "type": type_label(hints[f.name]), "default": f.default,
+                         "help": f.metadata.get("help", "")} for f in cls.option_fields()],
+        }
+    if as_json:
+        _out(json.dumps({"default_pipeline": DEFAULT_PIPELINE, "passes": listing}, indent=2, default=str))
+        return
+    from opc.pipeline import format_value
+
+    for name, info in listing.items():
+        kind = "exact" if info["exact"] else "lossy"
+        extra = f", requires {', '.join(info['requires'])}" if info["requires"] else ""
+        extra += f", must be {info['position']}" if info["position"] != "any" else ""
+        _out(f"{name} ({kind}{extra}): {info['summary']}")
+        for o in info["options"]:
+            _out(f"    {o['name']}: {o['type']} = {format_value(o['default'])}  -- {o['help']}")
+    _out(f"default pipeline: {DEFAULT_PIPELINE}")
+
+
+@app.command("diff")
+def diff_cmd(a: Path, b: Path, as_json: bool = typer.Option(False, "--json")):
+    """Nodes, initializers, inputs and outputs that differ between two models."""
+    from opc.ir import load_model
+    from opc.modeldiff import diff_models, format_diff
+
+    d = diff_models(load_model(a), load_model(b))
+    _out(json.dumps(d, indent=2) if as_json else format_diff(d))
+
+
+@app.command("inspect")
+def inspect_cmd(model: Path, as_json: bool = typer.Option(False, "--json")):
+    """Opsets, inputs/outputs, op histogram, parameters, sparsity, quantization, stored pipeline."""
+    from opc.inspect_model import format_inspect, inspect_model
+    from opc.ir import load_model
+
+    info = inspect_model(load_model(model))
+    _out(json.dumps(info, indent=2, default=str) if as_json else format_inspect(info))
+
+
+@app.command("verify")
+def verify_cmd(
+    a: Path, b: Path,
+    data: Optional[Path] = typer.Option(None, "--data", help=".npz of inputs (default: seeded random)"),
+    rtol: float = typer.Option(1e-4, "--rtol", help="tolerance relative to the largest |output|"),
+    atol: float = typer.Option(1e-5, "--atol"),
+    input_shapes: Optional[List[str]] = typer.Option(None, "--input-shapes"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Run A and B in ONNX Runtime on the same inputs and compare every output (exit 3 if outside tolerance)."""
+
+    from opc.ir import load_model
+    from opc.ort import compare, run_model, seeded_feeds, within
+
+    ma, mb = load_model(a), load_model(b)
+    shapes = parse_input_shapes(input_shapes)
+    if data is not None:
+        from opc.data import CalibrationData
+
+        feeds = next(CalibrationData.load(data, ma).batches())
+    else:
+        feeds = seeded_feeds(ma, shapes, seed=seed)
+    ra, rb = run_model(ma, feeds), run_model(mb, feeds)
+    bad = []
+    for name, ref in ra.items():
+        if name not in rb:
+            raise UsageError(f"{b}: has no output '{name}' (outputs: {', '.join(rb)})")
+        m = compare(ref, rb[name])
+        ok = within(m, rtol, atol)
+        bad += [] if ok else [name]
+        _out(f"{name}: max abs {m['max_abs']:.4g}  max rel {m['max_rel']:.4g}  cosine {m['cosine']:.6f}  "
+             f"{'ok' if ok else 'MISMATCH'}")
+    if bad:
+        _out(f"FAILED: {len(bad)} of {len(ra)} outputs outside rtol={rtol:g} atol={atol:g}")
+        raise typer.Exit(EXIT_MISMATCH)
+    _out(f"PASSED: {len(ra)} outputs within rtol={rtol:g} atol={atol:g}")
+
+
+@app.command("demo")
+def demo_cmd(output: Path = typer.Option(Path("opc-demo"), "-o", "--output", help="folder for the results")):
+    """Compile the bundled digits CNN with the full pipeline, verify it in ONNX Runtime, print the table."""
+    from opc.demo import run_demo
+
+    run_demo(output, echo=_out)
+
+
+# --- commands added by the other parts (keep each block self-contained) ---
+# [export]
+# [run/bench]
+# [tune]
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _DEBUG
+    import click
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _DEBUG = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if _DEBUG:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG)
+    command = typer.main.get_command(app)
+    try:
+        rc = command.main(args=argv, prog_name="opc", standalone_mode=False)
+        return rc if isinstance(rc, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.UsageError as exc:
+        typer.echo(f"opc: usage error: {exc.format_message()}", err=True)
+        return EXIT_USAGE
+    except click.exceptions.Abort:
+        typer.echo("opc: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        typer.echo("opc: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except OpcError as exc:
+        if _DEBUG:
+            traceback.print_exc()
+        typer.echo(f"opc: error: {exc}", err=True)
+        return exc.exit_code
+    except MemoryError:
+        typer.echo("opc: error: out of memory", err=True)
+        return 1
+    except Exception as exc:  # a bug: still one line unless --debug
+        if _DEBUG:
+            traceback.print_exc()
+        typer.echo(f"opc: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                   err=True)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,98 @@
+"""Calibration and evaluation data: .npz files or folders of .npz/.npy files.
+
+Arrays are keyed by model input name; the first axis is the sample axis. Data is read
+lazily and handed out batch by batch so that memory does not grow with the number of
+samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from opc.errors import DataError
+
+
+class CalibrationData:
+    """Samples for a model's inputs, validated against the model and served in batches."""
+
+    def __init__(self, source: Path, arrays: dict[str, np.ndarray], synthetic: bool = False):
+        self.source = source
+        self.arrays = arrays
+        self.synthetic = synthetic
+        counts = {k: len(v) for k, v in arrays.items()}
+        if len(set(counts.values())) > 1:
+            raise DataError(f"{source}: inputs have different sample counts {counts}")
+        self.num_samples = next(iter(counts.values())) if counts else 0
+
+    @classmethod
+    def load(cls, path: str | Path, model: onnx.ModelProto | None = None, *, min_samples: int = 1) -> "CalibrationData":
+        path = Path(path)
+        if not path.exists():
+            raise DataError(f"{path}: no such calibration data file or folder")
+        arrays: dict[str, np.ndarray] = {}
+        try:
+            if path.is_dir():
+                files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+                if not files:
+                    raise DataError(f"{path}: the folder holds no .npz or .npy files")
+                parts: dict[str, list[np.ndarray]] = {}
+                for f in files:
+                    for k, v in _read_file(f).items():
+                        parts.setdefault(k, []).append(v)
+                arrays = {k: np.concatenate(v) for k, v in parts.items()}
+            else:
+                arrays = _read_file(path)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read calibration data ({exc})") from None
+        data = cls(path, arrays)
+        if model is not None:
+            data.check_against(model, min_samples=min_samples)
+        return data
+
+    def check_against(self, model: onnx.ModelProto, *, min_samples: int = 1) -> None:
+        from opc.ort import graph_inputs, input_spec
+
+        inputs = graph_inputs(model)
+        names = [i.name for i in inputs]
+        for name in self.arrays:
+            if name not in names:
+                raise DataError(f"{self.source}: '{name}' is not a model input (inputs: {', '.join(names)})")
+        for value in inputs:
+            if value.name not in self.arrays:
+                raise DataError(f"{self.source}: no data for model input '{value.name}'")
+            dims, dtype = input_spec(value)
+            arr = self.arrays[value.name]
+            if arr.dtype != dtype:
+                raise DataError(f"{self.source}: input '{value.name}' has dtype {arr.dtype}, the model wants {np.dtype(dtype)}")
+            if arr.ndim != len(dims):
+                raise DataError(
+                    f"{self.source}: input '{value.name}' has shape {list(arr.shape)}; expected samples stacked "
+                    f"on the first axis, rank {len(dims)} like {dims}"
+                )
+            for axis, (got, want) in enumerate(zip(arr.shape[1:], dims[1:]), start=1):
+                if isinstance(want, int) and got != want:
+                    raise DataError(
+                        f"{self.source}: input '{value.name}' axis {axis} is {got}, the model wants {want}"
+                    )
+        if self.num_samples < min_samples:
+            raise DataError(f"{self.source}: {self.num_samples} samples, at least {min_samples} needed")
+
+    def batches(self, batch_size: int | None = None, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        n = self.num_samples if limit is None else min(limit, self.num_samples)
+        step = batch_size or n or 1
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            yield {k: np.ascontiguousarray(v[start:stop]) for k, v in self.arrays.items()}
+
+
+def _read_file(path: Path) -> dict[str, np.ndarray]:
+    if path.suffix == ".npy":
+        return {path.stem: np.load(path, allow_pickle=False, mmap_mode="r")}
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}

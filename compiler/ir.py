@@ -1,0 +1,137 @@
+"""Model I/O and the onnx-graphsurgeon bridge.
+
+``load_model`` reads and validates a file (never modifying it); ``save_model`` writes
+atomically (a temporary file in the same folder, then ``os.replace``), so a failure or
+Ctrl-C leaves no partial file and an existing output untouched. ``import_graph`` and
+``export_model`` move between ModelProto and ``gs.Graph`` keeping model-level fields.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from opc.errors import ModelError, OpcError
+
+TWO_GB = 2**31 - 1
+MAX_NESTING = 32  # deepest If/Loop/Scan nesting accepted
+
+
+def load_model(path: str | os.PathLike, *, validate: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file into a ModelProto, with external data, and validate it."""
+    from opc import validate as validation
+
+    path = Path(path)
+    model = validation.read_model_file(path)
+    if validate:
+        validation.check_model(model, source=str(path))
+    return model
+
+
+def as_model(model_or_path) -> tuple[onnx.ModelProto, Path | None]:
+    """Accept a ModelProto or a path; return (a private copy of the model, its folder)."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        from opc import validate as validation
+
+        model = copy.deepcopy(model_or_path)
+        validation.check_model(model, source="<model>")
+        return model, None
+    path = Path(model_or_path)
+    return load_model(path), path.resolve().parent
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` atomically; models over 2 GB get ``<name>.data`` beside it.
+
+    Everything is written inside a temporary folder next to ``path`` and renamed into
+    place, so nothing partial is ever visible. A symlink sitting at ``path`` (or at its
+    data file) is replaced, never written through.
+    """
+    path = Path(path)
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        raise OpcError(f"{path}: the output folder {folder} does not exist")
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    try:
+        staged = staging / path.name
+        if model.ByteSize() < TWO_GB - 64 * 2**20:
+            staged.write_bytes(model.SerializeToString(deterministic=True))
+        else:
+            data_name = path.name + ".data"
+            onnx.save_model(
+                copy.deepcopy(model), str(staged), save_as_external_data=True,
+                all_tensors_to_one_file=True, location=data_name, size_threshold=1024,
+            )
+            os.replace(staging / data_name, folder / data_name)
+        os.replace(staged, folder / path.name)
+        return path
+    finally:
+        for leftover in staging.iterdir() if staging.exists() else []:
+            leftover.unlink()
+        if staging.exists():
+            staging.rmdir()
+
+
+def import_graph(model: onnx.ModelProto):
+    import onnx_graphsurgeon as gs
+
+    try:
+        return gs.import_onnx(model)
+    except OpcError:
+        raise
+    except Exception as exc:  # graphsurgeon's own errors carry no file name
+        raise ModelError(f"cannot import the graph: {exc}") from exc
+
+
+def export_model(graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Export a gs.Graph, keeping the template model's ir_version, opsets and metadata."""
+    import onnx_graphsurgeon as gs
+
+    kwargs = {}
+    if template is not None:
+        opsets = {o.domain: o.version for o in template.opset_import}
+        # the graph's own default-domain opset wins (a pass may have upgraded it)
+        opsets[""] = graph.opset
+        for domain, version in getattr(graph, "import_domains", None) and [
+            (o.domain, o.version) for o in graph.import_domains
+        ] or []:
+            opsets.setdefault(domain, version)
+        kwargs["opset_imports"] = [onnx.helper.make_opsetid(d, v) for d, v in opsets.items()]
+    model = gs.export_onnx(graph, do_type_check=False, **kwargs)
+    if template is not None:
+        model.ir_version = max(template.ir_version, model.ir_version if graph.ir_version else 0)
+        model.producer_name = template.producer_name
+        model.producer_version = template.producer_version
+        model.domain = template.domain
+        model.model_version = template.model_version
+        model.doc_string = template.doc_string
+        del model.metadata_props[:]
+        model.metadata_props.extend(template.metadata_props)
+    if model.ir_version < 4:
+        _initializers_as_inputs(model.graph)
+    return model
+
+
+def _initializers_as_inputs(graph: onnx.GraphProto) -> None:
+    # before IR version 4 every initializer must also be listed as a graph input
+    listed = {i.name for i in graph.input}
+    for t in graph.initializer:
+        if t.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+
+
+def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in entries.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            model.metadata_props.add(key=key, value=value)
+
+
+def get_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
