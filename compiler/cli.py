@@ -267,9 +267,19 @@ def demo_cmd(output: Path = typer.Option(Path("opc-demo"), "-o", "--output", hel
 # [tune]
 
 
+def _click_errors(name: str) -> tuple:
+    """click's exception class of that name, from typer's vendored click and/or click itself."""
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
 def main(argv: list[str] | None = None) -> int:
     global _DEBUG
-    import click
 
     argv = list(sys.argv[1:] if argv is None else argv)
     _DEBUG = "--debug" in argv
@@ -282,12 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = command.main(args=argv, prog_name="opc", standalone_mode=False)
         return rc if isinstance(rc, int) else 0
-    except click.exceptions.Exit as exc:
+    except _click_errors("Exit") as exc:
         return exc.exit_code
-    except click.exceptions.UsageError as exc:
+    except _click_errors("UsageError") as exc:
         typer.echo(f"opc: usage error: {exc.format_message()}", err=True)
         return EXIT_USAGE
-    except click.exceptions.Abort:
+    except _click_errors("Abort"):
         typer.echo("opc: interrupted", err=True)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +168,7 @@ def type_label(tp: Any) -> str:
     if origin is dict:
         k, v = typing.get_args(tp)
         return f"map[{type_label(k)}:{type_label(v)}]"
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin in (typing.Union, types.UnionType):
         return "|".join(type_label(a) for a in typing.get_args(tp) if a is not type(None)) + "|none"
     return getattr(tp, "__name__", str(tp))
 
@@ -181,7 +182,7 @@ def coerce(pass_name: str, key: str, value: Any, tp: Any, meta: Any) -> Any:
     where = f"{pass_name}({key}=...)"
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin in (typing.Union, types.UnionType):
         if isinstance(value, str) and value.lower() == "none" and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
