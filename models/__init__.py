@@ -1,0 +1,195 @@
+"""opc.models: the PyTorch model zoo, exported to ONNX on demand.
+
+Three families that inference optimization serves: image classification (digits-cnn,
+resnet18, mobilenetv2, efficientnet-lite0), speech (kws-lstm) and language (bert-tiny,
+minilm-l6). Every model comes with calibration/evaluation data: real where we have it
+(scikit-learn digits, foolbox's 20 labelled ImageNet images, real sentences), else
+seeded random data marked ``synthetic``.
+
+Only ``list_models``/``describe`` work without torch; everything that builds a model
+needs the ``torch`` extra and raises a one-line ``OpcError`` otherwise.
+
+    export(name, path, opset=None, batch=1, dynamic_batch=False) -> Path
+    sample_data(name, n, split="calib") -> {input name: array}   (model inputs only)
+    eval_set(name, n=None) -> EvalSet(inputs, labels, synthetic, source)
+    torch_outputs(name, feeds) -> {output name: array}           (the PyTorch reference)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from pathlib import Path
+
+import numpy as np
+
+from opc.errors import OpcError, UsageError
+
+DEFAULT_OPSET = 17
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str            # "vision" | "speech" | "language"
+    summary: str
+    module: str            # opc.models.<module> implementing the model
+    data: str              # where its calibration/evaluation data comes from
+    synthetic: bool        # True when that data is seeded random, not real
+
+
+_ZOO = [
+    ModelInfo("digits-cnn", "vision", "LeNet-style CNN trained at export time on sklearn digits (1x8x8)",
+              "digits_model", "real: scikit-learn digits (train split for calibration, 360 held out)", False),
+    ModelInfo("resnet18", "vision", "ResNet-18, ImageNet-shaped (3x224x224), seeded weights",
+              "vision", "real images: foolbox's 20 ImageNet samples (weights are random, labels meaningless)", False),
+    ModelInfo("mobilenetv2", "vision", "MobileNetV2, ImageNet-shaped (3x224x224), seeded weights",
+              "vision", "real images: foolbox's 20 ImageNet samples (weights are random, labels meaningless)", False),
+    ModelInfo("efficientnet-lite0", "vision", "EfficientNet-Lite0 with its pretrained ImageNet weights (3x224x224)",
+              "vision", "real: foolbox's 20 labelled ImageNet samples", False),
+    ModelInfo("kws-lstm", "speech", "keyword spotting: conv front end + 2-layer LSTM on 49x40 MFCC frames, 12 classes",
+              "kws", "synthetic: seeded MFCC-shaped random features", True),
+    ModelInfo("bert-tiny", "language", "transformer encoder, 2 layers, hidden 128, 2 heads, seq 32, seeded weights",
+              "text", "real sentences tokenized with MiniLM's vocabulary (weights random)", False),
+    ModelInfo("minilm-l6", "language", "all-MiniLM-L6-v2 with its real weights, mean-pooled sentence embeddings, seq 32",
+              "text", "real: 32 sentence pairs (16 paraphrases, 16 unrelated)", False),
+]
+MODELS = {m.name: m for m in _ZOO}
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """Evaluation inputs with their labels (None when there are none) and provenance."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    synthetic: bool
+    source: str
+    metric: str = "top1"   # "top1": argmax vs labels; "pairs": cosine of sentence pairs vs 0/1 labels
+
+
+def list_models() -> list[str]:
+    return list(MODELS)
+
+
+def describe(name: str) -> ModelInfo:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise UsageError(f"unknown model '{name}' (models: {', '.join(MODELS)})") from None
+
+
+def require_torch():
+    try:
+        import torch
+    except ImportError:
+        raise OpcError("this needs PyTorch: pip install 'opc[torch]'") from None
+    return torch
+
+
+def _impl(name: str):
+    info = describe(name)
+    require_torch()
+    return importlib.import_module(f"opc.models.{info.module}")
+
+
+@functools.lru_cache(maxsize=None)
+def build(name: str):
+    """The PyTorch module in eval mode (cached: training/loading happens once per process)."""
+    module = _impl(name).build(name)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def input_names(name: str) -> list[str]:
+    return list(_impl(name).input_names(name))
+
+
+def output_names(name: str) -> list[str]:
+    return list(_impl(name).output_names(name))
+
+
+def sample_data(name: str, n: int, split: str = "calib") -> dict[str, np.ndarray]:
+    """``n`` samples of the model's inputs keyed by ONNX input name (ready for np.savez / ORT).
+
+    split "calib" draws from training/calibration data, "eval" from held-out data (the
+    same rows as ``eval_set``); where the set is smaller than ``n`` it repeats.
+    """
+    if split not in ("calib", "eval"):
+        raise UsageError(f"split must be 'calib' or 'eval', not {split!r}")
+    if n < 1:
+        raise UsageError(f"need at least 1 sample, not {n}")
+    arrays = _impl(name).sample_data(name, n, split)
+    return {k: _take(v, n) for k, v in arrays.items()}
+
+
+def eval_set(name: str, n: int | None = None) -> EvalSet:
+    es = _impl(name).eval_set(name)
+    if n is not None:
+        es.inputs = {k: v[:n] for k, v in es.inputs.items()}
+        if es.labels is not None:
+            es.labels = es.labels[: n // 2 if es.metric == "pairs" else n]
+    return es
+
+
+def _take(arr: np.ndarray, n: int) -> np.ndarray:
+    if len(arr) >= n:
+        return np.ascontiguousarray(arr[:n])
+    reps = -(-n // len(arr))
+    return np.ascontiguousarray(np.concatenate([arr] * reps)[:n])
+
+
+def torch_outputs(name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run the PyTorch module on ``feeds``; the reference the ONNX export must match."""
+    torch = require_torch()
+    module = build(name)
+    args = [torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in input_names(name)]
+    with torch.no_grad():
+        out = module(*args)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return {k: v.numpy() for k, v in zip(output_names(name), outs)}
+
+
+def export(name: str, path: str | Path, opset: int | None = None, batch: int = 1,
+           dynamic_batch: bool = False) -> Path:
+    """Export model ``name`` to ONNX at ``path`` (atomically) and return the path.
+
+    Uses torch.onnx.export with the TorchScript exporter (dynamo=False): it handles every
+    model here at opsets 11-20 without extra dependencies and produces plain ONNX ops.
+    The batch axis is ``batch`` or, with ``dynamic_batch``, a symbolic "batch" dim.
+    """
+    import onnx
+
+    from opc.ir import save_model, set_metadata
+
+    torch = require_torch()
+    info = describe(name)
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    if not 11 <= opset <= 20:
+        raise UsageError(f"--opset {opset}: supported opsets are 11 to 20")
+    if batch < 1:
+        raise UsageError(f"--batch {batch}: must be >= 1")
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"-o {path}: is a folder")
+    ins, outs = input_names(name), output_names(name)
+    example = sample_data(name, batch, "calib")
+    args = tuple(torch.from_numpy(example[k]) for k in ins)
+    dynamic_axes = {k: {0: "batch"} for k in ins + outs} if dynamic_batch else None
+    module = build(name)
+    import io
+    import warnings
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, buf, input_names=ins, output_names=outs, opset_version=opset,
+                          dynamic_axes=dynamic_axes, do_constant_folding=True, dynamo=False)
+    model = onnx.load_from_string(buf.getvalue())
+    model.producer_name = "opc.models"
+    set_metadata(model, {"opc.model": name, "opc.model.data": info.data,
+                         "opc.model.exporter": f"torch.onnx.export(dynamo=False) torch {torch.__version__}"})
+    onnx.checker.check_model(model)
+    return save_model(model, path)
