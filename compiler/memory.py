@@ -1,0 +1,856 @@
+"""Memory planning: where every intermediate tensor lives inside one arena.
+
+The plan is made for concrete shapes (``input_shapes``; a symbolic dimension that is not
+given is planned as 1 and the plan says so in ``notes``) over one execution order.
+
+What lives in the arena (``MemoryPlan.tensors``)
+    Every node output of the main graph except: graph outputs, tensors computed from
+    initializers/Constant nodes alone (``MemoryPlan.constants``: weights such as the
+    ConstantOfShape outputs of onnx's "light" models; the runtime computes them once, outside
+    the arena, as ONNX Runtime's constant folding does), string tensors, and tensors of size 0
+    are given size 0. Graph inputs, initializers and graph outputs are not in the arena. Nodes
+    inside subgraphs (If/Loop/Scan bodies) are not planned; tensors of the outer graph that a
+    subgraph reads are kept alive until the node that owns the subgraph has run.
+
+Steps
+    ``order`` lists node indices (positions in ``model.graph.node``) in execution order; a
+    slot's ``first_use`` and ``last_use`` are positions in ``order`` (steps), inclusive: the
+    step that writes the tensor and the last step that reads it. A tensor nobody reads lives
+    for its own step. Two slots may share bytes only if their step ranges are disjoint,
+    except aliases (below).
+
+Aliases (``Slot.alias_of`` names the tensor that owns the bytes, ``Slot.kind`` says why)
+    ``kind == "view"``: the outputs of Reshape, Flatten, Squeeze, Unsqueeze and Identity
+    whose data input is an arena tensor share its bytes (same offset, same size). The runtime
+    must not copy: the output *is* the input reinterpreted with another shape.
+    ``kind == "inplace"``: the output of an element-wise op (``INPLACE_OPS``) is written over
+    one of its inputs when that input (and every view of it) is last read at this node and
+    has the same size and dtype as the output. The runtime computes that op with ``out``
+    placed exactly over that input, which is safe for element-wise maths (each output element
+    depends only on the same input element and on broadcast operands).
+    ``alias_of`` is always the owner of the bytes (the root), never another alias.
+
+Workspaces
+    ``workspace_fn(node, input_shapes, input_dtypes) -> bytes`` (by default
+    ``opc.runtime.workspace_bytes`` when that is importable, else 0) gives per-node scratch
+    memory (e.g. an im2col buffer); it lives for that node's step only
+    (``MemoryPlan.workspaces[node_index]``).
+
+Offsets
+    Every size is rounded up to ``alignment`` (256 bytes) and every offset is a multiple of
+    it. Several strategies place the buffers (greedy by size, in-order best fit, greedy by
+    breadth, and a seeded improvement search bounded in time) and the smallest arena wins.
+    ``lower_bound`` is the largest total of aligned live bytes at any step (after aliasing,
+    in-place and workspaces); no placement can beat it. ``naive_total`` is the arena without
+    any reuse: every tensor and workspace in its own memory.
+
+Storage
+    ``MemoryPlan.to_json()`` is compact JSON, stored in the model's metadata_props under
+    ``opc.memory_plan``; it carries a fingerprint of the graph structure (ops, attributes,
+    tensor names, input/initializer types and dims, node order) so that a plan whose graph
+    has been edited afterwards is detected (``matches``, ``load_plan``) and never trusted.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import onnx
+
+from opc.errors import ModelError, OpcError
+
+log = logging.getLogger("opc")
+
+META_KEY = "opc.memory_plan"
+PLAN_VERSION = 1
+ALIGNMENT = 256
+
+VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+# element-wise ops that may write their output over an input that dies at them
+INPLACE_OPS = frozenset({
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish",
+    "Tanh", "Softplus", "Softsign", "Gelu", "Mish", "Exp", "Log", "Neg", "Abs", "Sqrt",
+    "Reciprocal", "Erf", "Ceil", "Floor", "Round", "Sign", "Sin", "Cos", "Tan", "Not", "Clip",
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "And", "Or", "Xor",
+    "BatchNormalization", "Dropout", "ThresholdedRelu", "Shrink",
+})
+# never treated as constants even when their inputs are
+NONDETERMINISTIC_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
+                                  "RandomUniformLike", "Multinomial", "Bernoulli"})
+
+STRATEGIES = ("size", "inorder", "breadth", "search")
+
+
+class PlanError(OpcError):
+    """A plan that is inconsistent (overlapping live tensors) or cannot be made."""
+
+
+def align(n: int, alignment: int = ALIGNMENT) -> int:
+    return -(-int(n) // alignment) * alignment
+
+
+# ---------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Slot:
+    """Where one tensor (or one node's workspace) lives: bytes [offset, offset + size)."""
+
+    offset: int
+    size: int
+    shape: tuple = ()
+    dtype: str = "float32"
+    alias_of: str | None = None
+    first_use: int = 0
+    last_use: int = 0
+    kind: str = "tensor"  # "tensor", "view", "inplace" or "workspace"
+
+    def to_list(self) -> list:
+        return [self.offset, self.size, list(self.shape), self.dtype, self.alias_of,
+                self.first_use, self.last_use, self.kind]
+
+    @classmethod
+    def from_list(cls, v: list) -> "Slot":
+        return cls(int(v[0]), int(v[1]), tuple(int(d) for d in v[2]), str(v[3]), v[4],
+                   int(v[5]), int(v[6]), str(v[7]))
+
+
+@dataclass
+class MemoryPlan:
+    arena_size: int
+    alignment: int
+    input_shapes: dict[str, tuple]
+    order: list[int]
+    tensors: dict[str, Slot]
+    workspaces: dict[int, Slot]
+    lower_bound: int
+    naive_total: int
+    fingerprint: str = ""
+    strategy: str = ""
+    constants: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    # live aligned bytes at each step (for charts); not stored in the model
+    live_bytes: list[int] = field(default_factory=list, repr=False)
+    plan_time_s: float = 0.0
+    strategy_sizes: dict[str, int] = field(default_factory=dict)
+
+    # --- checks -------------------------------------------------------------------------
+    def slots(self) -> list[tuple[str, Slot]]:
+        out = list(self.tensors.items())
+        out.extend((f"<workspace of node {i}>", s) for i, s in self.workspaces.items())
+        return out
+
+    def check(self) -> None:
+        """Raise PlanError if the plan is inconsistent; see ``check_slots``."""
+        check_slots(self.slots(), self.arena_size, self.alignment)
+
+    def matches(self, model: onnx.ModelProto) -> bool:
+        return bool(self.fingerprint) and self.fingerprint == graph_fingerprint(model)
+
+    def steps(self) -> int:
+        return len(self.order)
+
+    def live_at(self) -> list[int]:
+        """Bytes in use at each step (aligned; each alias group counted once)."""
+        diff = [0] * (len(self.order) + 1)
+        for _, s in self.slots():
+            if s.alias_of is not None or s.size == 0:
+                continue
+            end = max(s.last_use, *(t.last_use for t in self._members(s)))
+            diff[s.first_use] += align(s.size, self.alignment)
+            diff[end + 1] -= align(s.size, self.alignment)
+        out, acc = [], 0
+        for d in diff[:-1]:
+            acc += d
+            out.append(acc)
+        return out
+
+    def _members(self, root: Slot) -> list[Slot]:
+        if not hasattr(self, "_groups"):
+            groups: dict[int, list[Slot]] = {}
+            for s in self.tensors.values():
+                if s.alias_of is not None and s.alias_of in self.tensors:
+                    groups.setdefault(id(self.tensors[s.alias_of]), []).append(s)
+            self._groups = groups
+        return self._groups.get(id(root), [])
+
+    # --- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "version": PLAN_VERSION,
+            "fingerprint": self.fingerprint,
+            "arena_size": self.arena_size,
+            "alignment": self.alignment,
+            "lower_bound": self.lower_bound,
+            "naive_total": self.naive_total,
+            "strategy": self.strategy,
+            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+            "order": list(self.order),
+            # [offset, size, shape, dtype, alias_of, first_use, last_use, kind]
+            "tensors": {k: s.to_list() for k, s in self.tensors.items()},
+            "workspaces": {str(k): s.to_list() for k, s in self.workspaces.items()},
+            "constants": list(self.constants),
+            "notes": list(self.notes),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "MemoryPlan":
+        try:
+            d = json.loads(text)
+            if d.get("version") != PLAN_VERSION:
+                raise PlanError(f"memory plan version {d.get('version')!r} is not {PLAN_VERSION}")
+            return cls(
+                arena_size=int(d["arena_size"]),
+                alignment=int(d["alignment"]),
+                input_shapes={k: tuple(int(x) for x in v) for k, v in d["input_shapes"].items()},
+                order=[int(i) for i in d["order"]],
+                tensors={k: Slot.from_list(v) for k, v in d["tensors"].items()},
+                workspaces={int(k): Slot.from_list(v) for k, v in d["workspaces"].items()},
+                lower_bound=int(d["lower_bound"]),
+                naive_total=int(d["naive_total"]),
+                fingerprint=str(d.get("fingerprint", "")),
+                strategy=str(d.get("strategy", "")),
+                constants=list(d.get("constants", [])),
+                notes=list(d.get("notes", [])),
+            )
+        except PlanError:
+            raise
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise PlanError(f"unreadable memory plan ({type(exc).__name__}: {exc})") from None
+
+
+def check_slots(slots: Iterable[tuple[str, Slot]], arena_size: int | None = None,
+                alignment: int = ALIGNMENT) -> None:
+    """Raise PlanError when two slots alive at a common step share a byte.
+
+    An alias may share its root's bytes; an in-place alias written at step s is legal only
+    if every other member of its group that was written before s is last read at s or
+    earlier (otherwise it would overwrite a value still needed). Also checked: offsets are
+    multiples of ``alignment``, everything fits in ``arena_size``, aliases fit their root.
+    Sweep over steps: O(n log n + overlaps).
+    """
+    slots = list(slots)
+    by_name = {name: s for name, s in slots}
+    groups: dict[str, list[tuple[str, Slot]]] = {}
+    for name, s in slots:
+        if s.offset < 0 or s.size < 0:
+            raise PlanError(f"tensor '{name}': negative offset or size")
+        if s.first_use > s.last_use:
+            raise PlanError(f"tensor '{name}': first use {s.first_use} after last use {s.last_use}")
+        if alignment and s.offset % alignment:
+            raise PlanError(f"tensor '{name}': offset {s.offset} is not a multiple of {alignment}")
+        if arena_size is not None and s.offset + s.size > arena_size:
+            raise PlanError(f"tensor '{name}': bytes [{s.offset}, {s.offset + s.size}) exceed the arena ({arena_size})")
+        if s.alias_of is not None:
+            root = by_name.get(s.alias_of)
+            if root is None:
+                raise PlanError(f"tensor '{name}': alias of unknown tensor '{s.alias_of}'")
+            if root.alias_of is not None:
+                raise PlanError(f"tensor '{name}': alias of '{s.alias_of}', which is itself an alias")
+            if s.offset != root.offset or s.size > root.size:
+                raise PlanError(f"tensor '{name}': alias does not sit on the bytes of '{s.alias_of}'")
+            if s.first_use < root.first_use:
+                raise PlanError(f"tensor '{name}': alias written before its root '{s.alias_of}'")
+        groups.setdefault(s.alias_of or name, []).append((name, s))
+    # within a group: an in-place write must not clobber a value still to be read
+    for root, members in groups.items():
+        for name, s in members:
+            if s.kind != "inplace":
+                continue
+            for other, o in members:
+                if other != name and o.first_use < s.first_use and o.last_use > s.first_use:
+                    raise PlanError(f"tensor '{name}' is written in place over '{other}', "
+                                    f"which is still read at step {o.last_use}")
+    # across groups: sweep the group intervals (group life = union of its members' lives)
+    spans = []
+    for root, members in groups.items():
+        first = min(s.first_use for _, s in members)
+        last = max(s.last_use for _, s in members)
+        lo = min(s.offset for _, s in members)
+        hi = max(s.offset + s.size for _, s in members)
+        if hi > lo:
+            spans.append((first, last, lo, hi, root))
+    spans.sort()
+    active: list[tuple[int, int, int, str]] = []  # (last, lo, hi, name)
+    for first, last, lo, hi, name in spans:
+        active = [a for a in active if a[0] >= first]
+        for a_last, a_lo, a_hi, a_name in active:
+            if lo < a_hi and a_lo < hi:
+                raise PlanError(f"tensors '{a_name}' and '{name}' are alive at step {first} "
+                                f"and overlap in bytes [{max(lo, a_lo)}, {min(hi, a_hi)})")
+        active.append((last, lo, hi, name))
+
+
+# ---------------------------------------------------------------------------------------
+# Graph fingerprint
+# ---------------------------------------------------------------------------------------
+def graph_fingerprint(model: onnx.ModelProto) -> str:
+    """A hash of what the plan depends on: node order, ops, attributes, tensor names, and
+    the types and dims of graph inputs and initializers (not weight values, names of nodes,
+    doc strings or metadata)."""
+    h = hashlib.sha256()
+    g = model.graph
+
+    def put(*parts):
+        for p in parts:
+            h.update(str(p).encode())
+            h.update(b"\x00")
+
+    def value_type(v):
+        t = v.type.tensor_type
+        return (t.elem_type, tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim))
+
+    for v in g.input:
+        put("in", v.name, value_type(v))
+    for v in g.output:
+        put("out", v.name)
+    for t in g.initializer:
+        put("init", t.name, t.data_type, tuple(t.dims))
+    for n in g.node:
+        put("node", n.domain, n.op_type, tuple(n.input), tuple(n.output))
+        for a in sorted(n.attribute, key=lambda a: a.name):
+            a = copy.copy(a)
+            a.ClearField("doc_string")
+            h.update(a.SerializeToString(deterministic=True))
+    return h.hexdigest()[:20]
+
+
+# ---------------------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------------------
+def _dtype_info(elem_type: int) -> tuple[str, float] | None:
+    """(numpy-style name, bytes per element) or None for types that cannot be planned."""
+    if elem_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    if elem_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (onnx.TensorProto.DataType.Name(elem_type).lower(), 0.5)
+    try:
+        dt = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+        return (dt.name, dt.itemsize)
+    except Exception:
+        return None
+
+
+def _fix_inputs(model: onnx.ModelProto, input_shapes: dict | None) -> tuple[onnx.ModelProto, dict, list[str]]:
+    """A copy of the model whose graph inputs have concrete dims; the dims used; notes."""
+    model = copy.deepcopy(model)
+    inits = {t.name for t in model.graph.initializer}
+    given = dict(input_shapes or {})
+    used: dict[str, tuple] = {}
+    notes: list[str] = []
+    defaulted: list[str] = []
+    for v in model.graph.input:
+        if v.name in inits:
+            continue
+        dims = v.type.tensor_type.shape.dim
+        if v.name in given:
+            shape = tuple(int(x) for x in given.pop(v.name))
+            if v.type.tensor_type.HasField("shape") and len(dims) != len(shape):
+                raise ModelError(f"input '{v.name}': shape {list(shape)} has {len(shape)} dims, "
+                                 f"the model says {len(dims)}")
+        else:
+            shape = []
+            for d in dims:
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    shape.append(d.dim_value)
+                else:
+                    shape.append(1)
+                    defaulted.append(f"{v.name}[{d.dim_param or '?'}]")
+            shape = tuple(shape)
+        used[v.name] = shape
+        v.type.tensor_type.ClearField("shape")
+        for x in shape:
+            v.type.tensor_type.shape.dim.add().dim_value = x
+    if given:
+        raise ModelError(f"input shapes given for unknown inputs: {', '.join(sorted(given))}")
+    if defaulted:
+        notes.append("symbolic dimensions planned as 1: " + ", ".join(defaulted))
+    return model, used, notes
+
+
+def infer_concrete_shapes(model: onnx.ModelProto, input_shapes: dict | None = None
+                          ) -> tuple[dict[str, tuple[tuple, int]], dict, list[str], onnx.ModelProto]:
+    """name -> (shape, elem_type) for every tensor of the main graph.
+
+    onnx shape inference with data propagation on a copy whose inputs have concrete dims;
+    if that leaves a node output without a concrete shape, ONNX Runtime runs the model on
+    seeded inputs with those tensors as extra outputs and their real shapes are taken.
+    """
+    fixed, used, notes = _fix_inputs(model, input_shapes)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, strict_mode=False, data_prop=True)
+    except Exception as exc:  # inference errors are not fatal: ORT may still know
+        notes.append(f"onnx shape inference failed ({type(exc).__name__}); shapes from ONNX Runtime")
+        inferred = fixed
+    info: dict[str, tuple[tuple, int]] = {}
+    g = inferred.graph
+    for t in g.initializer:
+        info[t.name] = (tuple(t.dims), t.data_type)
+    for v in list(g.input) + list(g.value_info) + list(g.output):
+        tt = v.type.tensor_type
+        if not v.type.HasField("tensor_type") or not tt.HasField("shape"):
+            continue
+        if all(d.HasField("dim_value") for d in tt.shape.dim):
+            info[v.name] = (tuple(d.dim_value for d in tt.shape.dim), tt.elem_type)
+    elem_types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.output)}
+    _dropout_masks(model, info)
+    missing = [o for n in model.graph.node for o in n.output if o and o not in info]
+    if missing:
+        notes.append(f"{len(missing)} shapes taken from an ONNX Runtime run")
+        info.update(_shapes_from_ort(fixed, missing, used, elem_types))
+    return info, used, notes, inferred
+
+
+def _dropout_masks(model: onnx.ModelProto, info: dict) -> None:
+    # onnx leaves the shape of Dropout's mask unknown in old opsets; it is the data's shape
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    for n in model.graph.node:
+        if n.op_type == "Dropout" and len(n.output) > 1 and n.output[1] and n.output[1] not in info \
+                and n.input[0] in info:
+            shape, elem = info[n.input[0]]
+            info[n.output[1]] = (shape, onnx.TensorProto.BOOL if opset >= 10 else elem)
+
+
+def _shapes_from_ort(model: onnx.ModelProto, names: list[str], input_shapes: dict, elem_types: dict):
+    from opc.ort import make_session, run_model, seeded_feeds
+
+    m = copy.deepcopy(model)
+    present = {o.name for o in m.graph.output}
+    for name in names:
+        if name not in present:
+            vi = m.graph.output.add()
+            vi.name = name
+            if elem_types.get(name):
+                vi.type.tensor_type.elem_type = elem_types[name]
+    try:
+        sess = make_session(m, threads=1, optimize=False)
+        out = run_model(m, seeded_feeds(m, input_shapes), session=sess)
+    except Exception as exc:
+        raise ModelError(f"cannot find the shapes of {len(names)} tensors (e.g. '{names[0]}'): "
+                         f"shape inference left them unknown and ONNX Runtime failed: {exc}") from None
+    info = {}
+    for name in names:
+        if name in out:
+            arr = np.asarray(out[name])
+            info[name] = (tuple(arr.shape), onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+                          if arr.dtype != object else onnx.TensorProto.STRING)
+    return info
+
+
+# ---------------------------------------------------------------------------------------
+# Lifetimes and buffers
+# ---------------------------------------------------------------------------------------
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Outer names that a node's subgraphs read (implicit inputs)."""
+    reads: set[str] = set()
+
+    def visit(g: onnx.GraphProto, defined: set[str]):
+        defined = set(defined) | {i.name for i in g.input} | {t.name for t in g.initializer}
+        for n in g.node:
+            for i in n.input:
+                if i and i not in defined:
+                    reads.add(i)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    visit(a.g, defined)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sg in a.graphs:
+                        visit(sg, defined)
+            defined |= set(n.output)
+        for o in g.output:
+            if o.name not in defined:
+                reads.add(o.name)
+
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            visit(a.g, set())
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for sg in a.graphs:
+                visit(sg, set())
+    return reads
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+@dataclass
+class _Buffer:
+    root: str | None  # tensor name, or None for a workspace
+    node: int  # producing node index (workspace: its node)
+    start: int
+    end: int
+    size: int  # aligned
+    members: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Liveness:
+    """Everything the offset assignment needs, and what the plan reports per tensor."""
+
+    order: list[int]
+    tensors: dict[str, Slot]  # offsets still 0
+    workspaces: dict[int, Slot]
+    buffers: list[_Buffer]
+    constants: list[str]
+    live: list[int]
+    alignment: int
+
+    @property
+    def lower_bound(self) -> int:
+        return max(self.live, default=0)
+
+    @property
+    def naive_total(self) -> int:
+        return sum(align(s.size, self.alignment) for s in self.tensors.values()) + \
+            sum(align(s.size, self.alignment) for s in self.workspaces.values())
+
+
+def _default_workspace_fn():
+    try:
+        from opc.runtime import workspace_bytes  # type: ignore[attr-defined]
+    except Exception:
+        return None
+    return workspace_bytes
+
+
+def no_workspace(node, input_shapes, input_dtypes) -> int:
+    """A workspace function for plans without per-node scratch memory."""
+    return 0
+
+
+def topological_order(model: onnx.ModelProto) -> list[int]:
+    """The node order of the file, checked to be topological."""
+    g = model.graph
+    known = {v.name for v in g.input} | {t.name for t in g.initializer} | {""}
+    for i, n in enumerate(g.node):
+        for x in list(n.input) + sorted(_subgraph_reads(n) if _has_subgraph(n) else ()):
+            if x not in known:
+                raise ModelError(f"node {i} ({n.op_type} '{n.name}') reads '{x}' before it is written; "
+                                 "the graph is not topologically sorted")
+        known.update(n.output)
+    return list(range(len(g.node)))
+
+
+def liveness(model: onnx.ModelProto, shapes: dict[str, tuple[tuple, int]], order: list[int] | None = None,
+             workspace_fn: Callable | None = None, alignment: int = ALIGNMENT) -> Liveness:
+    """Lifetimes, alias groups (views and in-place) and workspaces over ``order``."""
+    g = model.graph
+    nodes = g.node
+    if order is None:
+        order = topological_order(model)
+    inits = {t.name for t in g.initializer}
+    graph_inputs = {v.name for v in g.input}
+    graph_outputs = {v.name for v in g.output}
+    step_of = {n: s for s, n in enumerate(order)}
+
+    # constants: computed from initializers / Constant nodes alone
+    constants: set[str] = set(inits)
+    for idx in order:
+        n = nodes[idx]
+        if n.op_type in NONDETERMINISTIC_OPS or _has_subgraph(n) or n.domain not in ("", "ai.onnx"):
+            continue
+        if all((not i) or i in constants for i in n.input):
+            constants.update(o for o in n.output if o)
+
+    tensors: dict[str, Slot] = {}
+    for idx in order:
+        n = nodes[idx]
+        for o in n.output:
+            if not o or o in graph_outputs or o in constants or o in graph_inputs:
+                continue
+            if o not in shapes:
+                raise ModelError(f"tensor '{o}' (output of {n.op_type} node {idx} '{n.name}'): unknown shape")
+            shape, elem = shapes[o]
+            dt = _dtype_info(elem)
+            if dt is None:
+                continue  # strings: not in the arena
+            size = int(math.ceil(int(np.prod(shape, dtype=np.int64)) * dt[1])) if shape else int(math.ceil(dt[1]))
+            s = step_of[idx]
+            tensors[o] = Slot(0, size, tuple(int(d) for d in shape), dt[0], None, s, s, "tensor")
+
+    reads_of: dict[int, list[str]] = {}
+    for idx in order:
+        n = nodes[idx]
+        reads = [i for i in n.input if i]
+        if _has_subgraph(n):
+            reads += sorted(_subgraph_reads(n))
+        reads_of[idx] = reads
+        s = step_of[idx]
+        for i in reads:
+            if i in tensors:
+                if tensors[i].first_use > s:
+                    raise ModelError(f"node {idx} ({n.op_type}) reads '{i}' before it is written")
+                tensors[i].last_use = max(tensors[i].last_use, s)
+
+    # alias groups, in step order
+    owner: dict[str, str] = {}  # tensor -> root tensor
+    members: dict[str, list[str]] = {}
+    for idx in order:
+        n = nodes[idx]
+        s = step_of[idx]
+        outs = [o for o in n.output if o in tensors]
+        for o in outs:
+            owner[o] = o
+            members[o] = [o]
+        if len(outs) != 1 or n.output[0] != outs[0] or n.domain not in ("", "ai.onnx"):
+            continue
+        o = outs[0]
+        out_slot = tensors[o]
+        if n.op_type in VIEW_OPS and n.input and n.input[0] in tensors:
+            src = n.input[0]
+            if tensors[src].size == out_slot.size:
+                root = owner[src]
+                owner[o] = root
+                members[root].append(o)
+                del members[o]
+                out_slot.alias_of, out_slot.kind = root, "view"
+            continue
+        if n.op_type in INPLACE_OPS:
+            for i in n.input:
+                if i not in tensors or tensors[i].size != out_slot.size or tensors[i].dtype != out_slot.dtype:
+                    continue
+                root = owner[i]
+                if all(tensors[m].last_use <= s for m in members[root]):
+                    owner[o] = root
+                    members[root].append(o)
+                    del members[o]
+                    out_slot.alias_of, out_slot.kind = root, "inplace"
+                    break
+
+    buffers: list[_Buffer] = []
+    for root, ms in members.items():
+        r = tensors[root]
+        buffers.append(_Buffer(root, order[r.first_use], r.first_use, max(tensors[m].last_use for m in ms),
+                               align(r.size, alignment), list(ms)))
+
+    workspaces: dict[int, Slot] = {}
+    if workspace_fn is None:
+        workspace_fn = _default_workspace_fn() or no_workspace
+    for idx in order:
+        n = nodes[idx]
+        in_shapes = [tuple(shapes[i][0]) if i in shapes else None for i in n.input]
+        in_types = []
+        for i in n.input:
+            dt = _dtype_info(shapes[i][1]) if i in shapes else None
+            in_types.append(dt[0] if dt else None)
+        ws = int(workspace_fn(n, in_shapes, in_types) or 0)
+        if ws > 0:
+            s = step_of[idx]
+            workspaces[idx] = Slot(0, ws, (ws,), "uint8", None, s, s, "workspace")
+            buffers.append(_Buffer(None, idx, s, s, align(ws, alignment), []))
+
+    diff = [0] * (len(order) + 1)
+    for b in buffers:
+        diff[b.start] += b.size
+        diff[b.end + 1] -= b.size
+    live, acc = [], 0
+    for d in diff[:-1]:
+        acc += d
+        live.append(acc)
+    const_outputs = [o for idx in order for o in nodes[idx].output if o in constants]
+    return Liveness(list(order), tensors, workspaces, buffers, const_outputs, live, alignment)
+
+
+# ---------------------------------------------------------------------------------------
+# Offset assignment
+# ---------------------------------------------------------------------------------------
+def _conflicts(buffers: list[_Buffer]) -> list[list[int]]:
+    """For each buffer, the buffers whose step ranges intersect its own."""
+    idx = sorted(range(len(buffers)), key=lambda i: buffers[i].start)
+    out: list[list[int]] = [[] for _ in buffers]
+    active: list[int] = []
+    for i in idx:
+        b = buffers[i]
+        if b.size == 0:
+            continue
+        active = [j for j in active if buffers[j].end >= b.start]
+        for j in active:
+            out[i].append(j)
+            out[j].append(i)
+        active.append(i)
+    return out
+
+
+def place(sizes: list[int], conflicts: list[list[int]], priority: Iterable[int],
+          best_fit: bool = True) -> tuple[list[int], int]:
+    """Place buffers in ``priority`` order, each at the best (smallest) or first gap left
+    by the already placed buffers it conflicts with. Returns (offsets, arena size)."""
+    n = len(sizes)
+    offsets = [-1] * n
+    top = 0
+    for b in priority:
+        size = sizes[b]
+        if size == 0:
+            offsets[b] = 0
+            continue
+        placed = sorted((offsets[c], offsets[c] + sizes[c]) for c in conflicts[b] if offsets[c] >= 0)
+        prev = 0
+        best = -1
+        best_gap = None
+        for lo, hi in placed:
+            gap = lo - prev
+            if gap >= size:
+                if not best_fit:
+                    best = prev
+                    break
+                if best_gap is None or gap < best_gap:
+                    best, best_gap = prev, gap
+            if hi > prev:
+                prev = hi
+        if best < 0:
+            best = prev
+        offsets[b] = best
+        if best + size > top:
+            top = best + size
+    return offsets, top
+
+
+def _breadth_priority(buffers: list[_Buffer], live: list[int]) -> list[int]:
+    """TFLite's greedy by breadth: steps by live bytes, their buffers by size."""
+    at_step: dict[int, list[int]] = {}
+    for i, b in enumerate(buffers):
+        for s in range(b.start, b.end + 1):
+            at_step.setdefault(s, []).append(i)
+    seen: set[int] = set()
+    out = []
+    for s in sorted(range(len(live)), key=lambda s: -live[s]):
+        for i in sorted(at_step.get(s, []), key=lambda i: -buffers[i].size):
+            if i not in seen:
+                seen.add(i)
+                out.append(i)
+    out.extend(i for i in range(len(buffers)) if i not in seen)
+    return out
+
+
+def assign_offsets(buffers: list[_Buffer], live: list[int], strategies: Iterable[str] = STRATEGIES,
+                   time_limit: float = 0.5, seed: int = 0) -> tuple[list[int], int, str, dict[str, int]]:
+    """Run the strategies; return (offsets, arena, winning strategy, arena per strategy)."""
+    strategies = list(strategies)
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise PlanError(f"unknown memory planning strategy {unknown[0] if unknown else '(none)'} "
+                        f"(known: {', '.join(STRATEGIES)})")
+    sizes = [b.size for b in buffers]
+    conflicts = _conflicts(buffers)
+    bound = max(live, default=0)
+    results: dict[str, int] = {}
+    best: tuple[list[int], int, str, list[int]] | None = None
+
+    def consider(name, prio, best_fit=True):
+        nonlocal best
+        offs, top = place(sizes, conflicts, prio, best_fit)
+        if name not in results or top < results[name]:
+            results[name] = top
+        if best is None or top < best[1]:
+            best = (offs, top, name, list(prio))
+
+    n = len(buffers)
+    for name in strategies:
+        if name == "size":
+            consider(name, sorted(range(n), key=lambda i: (-sizes[i], buffers[i].start)))
+            consider(name, sorted(range(n), key=lambda i: (-sizes[i], -(buffers[i].end - buffers[i].start))))
+        elif name == "inorder":
+            consider(name, sorted(range(n), key=lambda i: (buffers[i].start, -sizes[i])))
+        elif name == "breadth":
+            consider(name, _breadth_priority(buffers, live))
+    if "search" in strategies and (best is None or best[1] > bound) and n > 1:
+        rng = random.Random(seed)
+        if best is None:
+            consider("search", list(range(n)))
+        prio = list(best[3])
+        cur = best[1]
+        deadline = time.perf_counter() + max(0.0, time_limit)
+        # move one buffer earlier in the priority list; keep the move if the arena does not grow
+        while time.perf_counter() < deadline and cur > bound:
+            cand = list(prio)
+            i = rng.randrange(n)
+            j = rng.randrange(n)
+            item = cand.pop(i)
+            cand.insert(min(i, j), item)
+            offs, top = place(sizes, conflicts, cand)
+            if top <= cur:
+                prio, cur = cand, top
+                if top < best[1]:
+                    best = (offs, top, "search", cand)
+                    results["search"] = top
+        results.setdefault("search", cur)
+    assert best is not None
+    return best[0], best[1], best[2], results
+
+
+# ---------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------
+def plan_model(model: onnx.ModelProto, input_shapes: dict[str, tuple] | None = None,
+               workspace_fn: Callable | None = None, strategies: Iterable[str] = STRATEGIES,
+               time_limit: float = 0.5, alignment: int = ALIGNMENT, seed: int = 0,
+               order: list[int] | None = None) -> MemoryPlan:
+    """Plan the arena of ``model`` for ``input_shapes`` (see the module docstring)."""
+    t0 = time.perf_counter()
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise PlanError(f"alignment {alignment} is not a power of two")
+    shapes, used, notes, _ = infer_concrete_shapes(model, input_shapes)
+    lv = liveness(model, shapes, order, workspace_fn, alignment)
+    offsets, arena, strategy, results = assign_offsets(lv.buffers, lv.live, strategies, time_limit, seed)
+    for b, off in zip(lv.buffers, offsets):
+        if b.root is None:
+            lv.workspaces[b.node].offset = off
+        else:
+            for m in b.members:
+                lv.tensors[m].offset = off
+    if arena > lv.lower_bound:
+        notes.append(f"arena {arena} is {arena / max(lv.lower_bound, 1):.4f}x the lower bound "
+                     f"{lv.lower_bound}: no strategy found a packing without gaps")
+    plan = MemoryPlan(
+        arena_size=arena, alignment=alignment, input_shapes=used, order=lv.order, tensors=lv.tensors,
+        workspaces=lv.workspaces, lower_bound=lv.lower_bound, naive_total=lv.naive_total,
+        fingerprint=graph_fingerprint(model), strategy=strategy, constants=lv.constants, notes=notes,
+        live_bytes=lv.live, strategy_sizes=results,
+    )
+    plan.plan_time_s = time.perf_counter() - t0
+    return plan
+
+
+def store_plan(model: onnx.ModelProto, plan: MemoryPlan) -> None:
+    """Write the plan into the model's metadata_props (in place)."""
+    from opc.ir import set_metadata
+
+    set_metadata(model, {META_KEY: plan.to_json()})
+
+
+def load_plan_with_reason(model: onnx.ModelProto) -> tuple[MemoryPlan | None, str]:
+    """(plan, "") when a stored plan matches the graph, else (None, why not)."""
+    from opc.ir import get_metadata
+
+    text = get_metadata(model).get(META_KEY)
+    if text is None:
+        return None, "the model holds no memory plan"
+    try:
+        plan = MemoryPlan.from_json(text)
+    except PlanError as exc:
+        return None, str(exc)
+    if not plan.matches(model):
+        return None, ("the stored memory plan does not match the graph (the model was edited "
+                      "after planning); replan it")
+    return plan, ""
+
+
+def load_plan(model: onnx.ModelProto) -> MemoryPlan | None:
+    """The stored plan, or None (the reason is logged) when absent, unreadable or stale."""
+    plan, reason = load_plan_with_reason(model)
+    if plan is None:
+        log.info("memory plan not used: %s", reason)
+    return plan
