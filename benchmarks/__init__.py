@@ -1,0 +1,1 @@
+"""opc benchmarks: run each as `python -m benchmarks.NAME` from the repository root (see README.md)."""
