@@ -664,6 +664,119 @@ def liveness(model: onnx.ModelProto, shapes: dict[str, tuple[tuple, int]], order
     return Liveness(list(order), tensors, workspaces, buffers, const_outputs, live, alignment)
 
 
+def memory_aware_order(model: onnx.ModelProto, lv: Liveness, workspace_fn: Callable | None = None) -> list[int]:
+    """A topological order that greedily runs, among the ready nodes, the one whose step
+    adds the fewest live bytes (new outputs + workspace - inputs it frees); constant nodes
+    run as soon as they are ready. Ties keep the file's order. Used only if it lowers the
+    peak (``plan_model(reorder=True)``)."""
+    import heapq
+
+    g = model.graph
+    nodes = g.node
+    n_nodes = len(nodes)
+    sizes = {name: align(s.size, lv.alignment) for name, s in lv.tensors.items()}
+    dtypes = {name: s.dtype for name, s in lv.tensors.items()}
+    ws = {i: align(s.size, lv.alignment) for i, s in lv.workspaces.items()}
+    consts = set(lv.constants)
+    reads = []
+    producer: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        r = [x for x in n.input if x]
+        if _has_subgraph(n):
+            r += sorted(_subgraph_reads(n))
+        reads.append(r)
+        for o in n.output:
+            if o:
+                producer[o] = i
+    deps = [set() for _ in range(n_nodes)]
+    users: list[list[int]] = [[] for _ in range(n_nodes)]
+    for i, r in enumerate(reads):
+        for x in r:
+            p = producer.get(x)
+            if p is not None and p != i and p not in deps[i]:
+                deps[i].add(p)
+                users[p].append(i)
+    waiting = [len(d) for d in deps]
+    # group (alias root) bookkeeping: remaining reads of each group
+    root: dict[str, str] = {}
+    refs: dict[str, int] = {}
+    for i, r in enumerate(reads):
+        for x in set(r):
+            if x in sizes:
+                refs[x] = refs.get(x, 0) + 1
+    group_refs: dict[str, int] = {}
+
+    def is_const_node(i):
+        return all((not o) or o in consts for o in nodes[i].output) and any(o for o in nodes[i].output)
+
+    def score(i):
+        n = nodes[i]
+        uses: dict[str, int] = {}
+        for x in set(reads[i]):
+            if x in root:
+                uses[root[x]] = uses.get(root[x], 0) + 1
+        dying = {r for r, k in uses.items() if group_refs[r] == k}
+        alloc = ws.get(i, 0)
+        freed = sum(sizes[r] for r in dying)
+        for o in n.output:
+            if o not in sizes:
+                continue
+            if n.op_type in VIEW_OPS and n.input and n.input[0] in root:
+                continue
+            reuse = None
+            if n.op_type in INPLACE_OPS:
+                reuse = next((root[x] for x in n.input if x in root and root[x] in dying
+                              and sizes[x] == sizes[o] and dtypes[x] == dtypes[o]), None)
+            if reuse is not None:
+                freed -= sizes[reuse]
+                dying.discard(reuse)
+            else:
+                alloc += sizes[o]
+        return alloc - freed
+
+    def run(i):
+        n = nodes[i]
+        for x in set(reads[i]):
+            if x in root:
+                group_refs[root[x]] -= 1
+        for o in n.output:
+            if o not in sizes:
+                continue
+            if n.op_type in VIEW_OPS and n.input and n.input[0] in root:
+                r = root[n.input[0]]
+                root[o] = r
+                group_refs[r] += refs.get(o, 0)
+            else:
+                root[o] = o
+                group_refs[o] = refs.get(o, 0)
+
+    order: list[int] = []
+    const_ready: list[int] = []
+    ready: set[int] = set()
+    for i in range(n_nodes):
+        if waiting[i] == 0:
+            (const_ready.append if is_const_node(i) else ready.add)(i)
+    heapq.heapify(const_ready)
+    while const_ready or ready:
+        if const_ready:
+            i = heapq.heappop(const_ready)
+        else:
+            i = min(ready, key=lambda j: (score(j), j))
+            ready.discard(i)
+        run(i)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                if is_const_node(u):
+                    heapq.heappush(const_ready, u)
+                else:
+                    ready.add(u)
+    if len(order) != n_nodes:
+        raise ModelError("the graph has a cycle; cannot order its nodes")
+    return order
+
+
 # ---------------------------------------------------------------------------------------
 # Offset assignment
 # ---------------------------------------------------------------------------------------
@@ -762,6 +875,7 @@ def assign_offsets(buffers: list[_Buffer], live: list[int], strategies: Iterable
         if name == "size":
             consider(name, sorted(range(n), key=lambda i: (-sizes[i], buffers[i].start)))
             consider(name, sorted(range(n), key=lambda i: (-sizes[i], -(buffers[i].end - buffers[i].start))))
+            consider(name, sorted(range(n), key=lambda i: -sizes[i] * (buffers[i].end - buffers[i].start + 1)))
         elif name == "inorder":
             consider(name, sorted(range(n), key=lambda i: (buffers[i].start, -sizes[i])))
         elif name == "breadth":
@@ -772,19 +886,25 @@ def assign_offsets(buffers: list[_Buffer], live: list[int], strategies: Iterable
             consider("search", list(range(n)))
         prio = list(best[3])
         cur = best[1]
+        offs = best[0]
         deadline = time.perf_counter() + max(0.0, time_limit)
-        # move one buffer earlier in the priority list; keep the move if the arena does not grow
+        # move one buffer earlier in the priority list (half the time one that reaches the
+        # top of the arena); keep the move if the arena does not grow
         while time.perf_counter() < deadline and cur > bound:
             cand = list(prio)
-            i = rng.randrange(n)
-            j = rng.randrange(n)
+            if rng.random() < 0.5:
+                tops = [b for b in range(n) if offs[b] + sizes[b] == cur]
+                i = cand.index(rng.choice(tops))
+            else:
+                i = rng.randrange(n)
+            j = rng.randrange(i + 1) if i else 0
             item = cand.pop(i)
-            cand.insert(min(i, j), item)
-            offs, top = place(sizes, conflicts, cand)
+            cand.insert(j, item)
+            new_offs, top = place(sizes, conflicts, cand)
             if top <= cur:
-                prio, cur = cand, top
+                prio, cur, offs = cand, top, new_offs
                 if top < best[1]:
-                    best = (offs, top, "search", cand)
+                    best = (new_offs, top, "search", cand)
                     results["search"] = top
         results.setdefault("search", cur)
     assert best is not None
@@ -797,13 +917,20 @@ def assign_offsets(buffers: list[_Buffer], live: list[int], strategies: Iterable
 def plan_model(model: onnx.ModelProto, input_shapes: dict[str, tuple] | None = None,
                workspace_fn: Callable | None = None, strategies: Iterable[str] = STRATEGIES,
                time_limit: float = 0.5, alignment: int = ALIGNMENT, seed: int = 0,
-               order: list[int] | None = None) -> MemoryPlan:
+               order: list[int] | None = None, reorder: bool = False) -> MemoryPlan:
     """Plan the arena of ``model`` for ``input_shapes`` (see the module docstring)."""
     t0 = time.perf_counter()
     if alignment <= 0 or alignment & (alignment - 1):
         raise PlanError(f"alignment {alignment} is not a power of two")
     shapes, used, notes, _ = infer_concrete_shapes(model, input_shapes)
+    if workspace_fn is None:
+        workspace_fn = _default_workspace_fn() or no_workspace
     lv = liveness(model, shapes, order, workspace_fn, alignment)
+    if reorder and order is None:
+        better = liveness(model, shapes, memory_aware_order(model, lv), workspace_fn, alignment)
+        if better.lower_bound < lv.lower_bound:
+            notes.append(f"nodes reordered: peak of live bytes {lv.lower_bound} -> {better.lower_bound}")
+            lv = better
     offsets, arena, strategy, results = assign_offsets(lv.buffers, lv.live, strategies, time_limit, seed)
     for b, off in zip(lv.buffers, offsets):
         if b.root is None:
