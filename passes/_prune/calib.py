@@ -1,0 +1,57 @@
+"""Running a model on calibration batches and fetching intermediate tensors.
+
+ONNX Runtime returns only graph outputs, so the tensors of interest are added as extra
+outputs on a copy of the model. Tensors that are graph inputs come from the feeds.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+
+
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are exactly ``names`` (graph inputs skipped)."""
+    inputs = {i.name for i in model.graph.input}
+    wanted = list(dict.fromkeys(n for n in names if n not in inputs))
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.output[:]
+    # an output without a type: ORT infers it (its optimizer keeps fetched tensors intact)
+    out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted)
+    return out
+
+
+class Tap:
+    """A session that yields the named tensors of ``model`` for each calibration batch."""
+
+    def __init__(self, model: onnx.ModelProto, names: Iterable[str], make_session):
+        self.names = list(dict.fromkeys(names))
+        self.inputs = {i.name for i in model.graph.input}
+        fetched = [n for n in self.names if n not in self.inputs]
+        self.fetched = fetched
+        self.session = make_session(with_outputs(model, fetched)) if fetched else None
+        self.feed_names = {i.name for i in self.session.get_inputs()} if self.session else self.inputs
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {}
+        if self.session is not None:
+            values = self.session.run(self.fetched, {k: v for k, v in feeds.items() if k in self.feed_names})
+            out.update(zip(self.fetched, values))
+        for n in self.names:
+            if n in self.inputs:
+                out[n] = feeds[n]
+        return out
+
+
+def batches(ctx, batch: int, samples: int) -> Iterator[dict[str, np.ndarray]]:
+    """At most ``samples`` calibration samples in batches of ``batch``."""
+    seen = 0
+    for feeds in ctx.calibration_batches(batch):
+        if seen >= samples:
+            break
+        take = min(samples - seen, len(next(iter(feeds.values()))))
+        seen += take
+        yield {k: v[:take] for k, v in feeds.items()}
