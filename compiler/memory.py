@@ -66,7 +66,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import onnx
 
-from opc.errors import ModelError, OpcError
+from opc.errors import ModelError, OpcError, UsageError
 
 log = logging.getLogger("opc")
 
@@ -854,7 +854,7 @@ def assign_offsets(buffers: list[_Buffer], live: list[int], strategies: Iterable
     strategies = list(strategies)
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or not strategies:
-        raise PlanError(f"unknown memory planning strategy {unknown[0] if unknown else '(none)'} "
+        raise UsageError(f"unknown memory planning strategy {unknown[0] if unknown else '(none)'} "
                         f"(known: {', '.join(STRATEGIES)})")
     sizes = [b.size for b in buffers]
     conflicts = _conflicts(buffers)

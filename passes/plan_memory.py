@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from opc.errors import ModelError
 from opc.memory import ALIGNMENT, META_KEY, STRATEGIES, no_workspace, plan_model
 from opc.pass_api import Pass, PassContext, PassResult, option
 
@@ -45,7 +46,12 @@ class Plan(Pass):
                       workspace_fn=None if self.workspaces else no_workspace,
                       strategies=self.strategies, time_limit=self.time_limit,
                       alignment=self.alignment, seed=self.seed)
-        plan = plan_model(model, reorder=self.reorder, **kwargs)
+        try:
+            plan = plan_model(model, reorder=self.reorder, **kwargs)
+        except ModelError as exc:
+            # a graph whose shapes cannot be known is still compiled, just without a plan
+            return PassResult(modified=False, stats={"tensors_planned": 0},
+                              warnings=[f"no memory plan stored: {exc}"])
         moved = sum(1 for i, n in enumerate(plan.order) if i != n)
         plan_ms = plan.plan_time_s * 1000
         result_graph = None
