@@ -18,7 +18,7 @@ PASSES: dict[str, str] = {
 }
 
 # The passes that never change values; what `opc compile` runs without --passes.
-DEFAULT_PIPELINE = "fold"
+DEFAULT_PIPELINE = "fold,plan"
 
 
 def get_pass_class(name: str):
