@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from opc.errors import EXIT_INTERRUPTED, EXIT_MISMATCH, EXIT_USAGE, OpcError, UsageError
+from opc.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_MISMATCH, EXIT_USAGE, OpcError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="opc: an ONNX graph-rewriting compiler (fold, quantize, prune, plan, tune).")
@@ -270,7 +270,7 @@ def demo_cmd(output: Path = typer.Option(Path("opc-demo"), "-o", "--output", hel
 def _click_errors(name: str) -> tuple:
     """click's exception class of that name, from typer's vendored click and/or click itself."""
     found = []
-    for module in ("typer._click.exceptions", "click.exceptions"):
+    for module in ("typer.exceptions", "typer._click.exceptions", "click.exceptions"):
         try:
             found.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -278,8 +278,30 @@ def _click_errors(name: str) -> tuple:
     return tuple(found)
 
 
+_WARNED: set = set()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    key = getattr(message, "detail", str(message))
+    if key not in _WARNED:  # a model is validated when loaded and again when compiled
+        _WARNED.add(key)
+        typer.echo(f"opc: warning: {message}", err=True)
+
+
+def _run_command(argv: list[str]):
+    # make_context/invoke directly (not click's main): click and typer turn Ctrl-C into
+    # their own exits and print blank lines; here every outcome is mapped in main()
+    command = typer.main.get_command(app)
+    with command.make_context("opc", list(argv)) as ctx:
+        return command.invoke(ctx)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code. Every failure is one line on stderr:
+    0 ok, 1 invalid input or failure, 2 usage, 3 verification mismatch, 130 Ctrl-C."""
     global _DEBUG
+    import errno
+    import warnings
 
     argv = list(sys.argv[1:] if argv is None else argv)
     _DEBUG = "--debug" in argv
@@ -288,35 +310,57 @@ def main(argv: list[str] | None = None) -> int:
         import logging
 
         logging.basicConfig(level=logging.DEBUG)
-    command = typer.main.get_command(app)
-    try:
-        rc = command.main(args=argv, prog_name="opc", standalone_mode=False)
-        return rc if isinstance(rc, int) else 0
-    except _click_errors("Exit") as exc:
-        return exc.exit_code
-    except _click_errors("UsageError") as exc:
-        typer.echo(f"opc: usage error: {exc.format_message()}", err=True)
-        return EXIT_USAGE
-    except _click_errors("Abort"):
-        typer.echo("opc: interrupted", err=True)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        typer.echo("opc: interrupted", err=True)
-        return EXIT_INTERRUPTED
-    except OpcError as exc:
-        if _DEBUG:
-            traceback.print_exc()
-        typer.echo(f"opc: error: {exc}", err=True)
-        return exc.exit_code
-    except MemoryError:
-        typer.echo("opc: error: out of memory", err=True)
-        return 1
-    except Exception as exc:  # a bug: still one line unless --debug
-        if _DEBUG:
-            traceback.print_exc()
-        typer.echo(f"opc: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                   err=True)
-        return 1
+    _WARNED.clear()
+    with warnings.catch_warnings():
+        from opc.validate import OpcWarning
+
+        if not _DEBUG:  # library chatter (deprecations, numpy overflow...) is not for users
+            warnings.simplefilter("ignore")
+            warnings.showwarning = _show_warning
+        warnings.simplefilter("always", OpcWarning)
+        try:
+            rc = _run_command(argv)
+            return rc if isinstance(rc, int) else 0
+        except _click_errors("Exit") as exc:
+            return exc.exit_code
+        except _click_errors("UsageError") as exc:
+            text = " ".join(exc.format_message().split())
+            if text:  # empty when no arguments at all: the help was printed instead
+                typer.echo(f"opc: usage error: {text}", err=True)
+            return EXIT_USAGE
+        except _click_errors("ClickException") as exc:
+            typer.echo(f"opc: error: {' '.join(exc.format_message().split())}", err=True)
+            return exc.exit_code
+        except (KeyboardInterrupt, *_click_errors("Abort")):
+            typer.echo("opc: interrupted", err=True)
+            return EXIT_INTERRUPTED
+        except OpcError as exc:
+            if _DEBUG:
+                traceback.print_exc()
+            typer.echo(f"opc: error: {exc}", err=True)
+            return exc.exit_code
+        except MemoryError:
+            if _DEBUG:
+                traceback.print_exc()
+            typer.echo("opc: error: out of memory", err=True)
+            return EXIT_FAILURE
+        except OSError as exc:  # the environment (permissions, full disk, closed pipe), not a bug
+            if _DEBUG:
+                traceback.print_exc()
+            if exc.errno == errno.EPIPE:
+                return EXIT_FAILURE
+            where = f"{exc.filename}: " if exc.filename else ""
+            typer.echo(f"opc: error: {where}{exc.strerror or exc}", err=True)
+            return EXIT_FAILURE
+        except Exception as exc:  # a bug: still one line unless --debug
+            if _DEBUG:
+                traceback.print_exc()
+            text = " ".join(str(exc).split())
+            if len(text) > 300:
+                text = text[:300] + "..."
+            typer.echo(f"opc: internal error: {type(exc).__name__}: {text} (rerun with --debug for the "
+                       "traceback)", err=True)
+            return EXIT_FAILURE
 
 
 def entry() -> None:

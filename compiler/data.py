@@ -23,6 +23,10 @@ class CalibrationData:
         self.source = source
         self.arrays = arrays
         self.synthetic = synthetic
+        for name, value in arrays.items():
+            if np.ndim(value) == 0:
+                raise DataError(f"{source}: input '{name}' is a single value; samples must be stacked on the "
+                                "first axis")
         counts = {k: len(v) for k, v in arrays.items()}
         if len(set(counts.values())) > 1:
             raise DataError(f"{source}: inputs have different sample counts {counts}")
@@ -66,7 +70,11 @@ class CalibrationData:
         for value in inputs:
             if value.name not in self.arrays:
                 raise DataError(f"{self.source}: no data for model input '{value.name}'")
-            dims, dtype = input_spec(value)
+            try:
+                dims, dtype = input_spec(value)
+            except Exception:
+                raise DataError(f"{self.source}: model input '{value.name}' is not a plain tensor; "
+                                "opc cannot feed it calibration data") from None
             arr = self.arrays[value.name]
             if arr.dtype != dtype:
                 raise DataError(f"{self.source}: input '{value.name}' has dtype {arr.dtype}, the model wants {np.dtype(dtype)}")
@@ -81,7 +89,9 @@ class CalibrationData:
                         f"{self.source}: input '{value.name}' axis {axis} is {got}, the model wants {want}"
                     )
         if self.num_samples < min_samples:
-            raise DataError(f"{self.source}: {self.num_samples} samples, at least {min_samples} needed")
+            names = ", ".join(f"'{n}'" for n in self.arrays)
+            raise DataError(f"{self.source}: {self.num_samples} samples for input {names}, at least {min_samples} "
+                            "needed")
 
     def batches(self, batch_size: int | None = None, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         n = self.num_samples if limit is None else min(limit, self.num_samples)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,7 +19,6 @@ import onnx
 from opc.errors import ModelError, OpcError
 
 TWO_GB = 2**31 - 1
-MAX_NESTING = 32  # deepest If/Loop/Scan nesting accepted
 
 
 def load_model(path: str | os.PathLike, *, validate: bool = True) -> onnx.ModelProto:
@@ -44,36 +44,75 @@ def as_model(model_or_path) -> tuple[onnx.ModelProto, Path | None]:
     return load_model(path), path.resolve().parent
 
 
+EXTERNAL_DATA_THRESHOLD = TWO_GB - 64 * 2**20  # serialized size above which weights go to <name>.data
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write ``model`` to ``path`` atomically; models over 2 GB get ``<name>.data`` beside it.
 
-    Everything is written inside a temporary folder next to ``path`` and renamed into
-    place, so nothing partial is ever visible. A symlink sitting at ``path`` (or at its
-    data file) is replaced, never written through.
+    Everything is written (and fsynced) inside a temporary folder next to ``path`` and
+    renamed into place, so nothing partial is ever visible and a failure or Ctrl-C leaves
+    an existing file untouched and no temporary behind. A symlink sitting at ``path`` (or
+    at its data file) is replaced, never written through. ``path`` may be the model's
+    own input file: the model is in memory by then.
     """
     path = Path(path)
-    folder = path.absolute().parent
+    folder = Path(os.path.abspath(path)).parent
     if not folder.is_dir():
         raise OpcError(f"{path}: the output folder {folder} does not exist")
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise OpcError(f"{path}: is a folder")
+    mode = None
+    if os.path.isfile(path) and not os.path.islink(path):
+        mode = os.stat(path).st_mode & 0o777  # keep an existing output's permissions
+    staging = None
     try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
         staged = staging / path.name
-        if model.ByteSize() < TWO_GB - 64 * 2**20:
-            staged.write_bytes(model.SerializeToString(deterministic=True))
+        data_name = path.name + ".data"
+        external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+        if not external:
+            _write_synced(staged, model.SerializeToString(deterministic=True))
         else:
-            data_name = path.name + ".data"
             onnx.save_model(
                 copy.deepcopy(model), str(staged), save_as_external_data=True,
                 all_tensors_to_one_file=True, location=data_name, size_threshold=1024,
             )
+            for f in (staged, staging / data_name):
+                _fsync_path(f)
+        if mode is not None:
+            os.chmod(staged, mode)
+        if external:
             os.replace(staging / data_name, folder / data_name)
         os.replace(staged, folder / path.name)
+        _fsync_path(folder)
         return path
+    except OSError as exc:
+        raise OpcError(f"{path}: cannot write the output ({exc.strerror or exc})") from None
     finally:
-        for leftover in staging.iterdir() if staging.exists() else []:
-            leftover.unlink()
-        if staging.exists():
-            staging.rmdir()
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def import_graph(model: onnx.ModelProto):
