@@ -206,12 +206,19 @@ def diff_cmd(a: Path, b: Path, as_json: bool = typer.Option(False, "--json")):
 
 
 @app.command("inspect")
-def inspect_cmd(model: Path, as_json: bool = typer.Option(False, "--json")):
-    """Opsets, inputs/outputs, op histogram, parameters, sparsity, quantization, stored pipeline."""
+def inspect_cmd(model: Path, as_json: bool = typer.Option(False, "--json"),
+                plot: Optional[Path] = typer.Option(None, "--plot", help="write the memory plan chart "
+                                                    "to FILE (.svg; .png needs matplotlib)")):
+    """Opsets, inputs/outputs, op histogram, parameters, sparsity, quantization, stored pipeline, memory plan."""
     from opc.inspect_model import format_inspect, inspect_model
     from opc.ir import load_model
 
-    info = inspect_model(load_model(model))
+    loaded = load_model(model)
+    if plot is not None:
+        from opc.memory import model_plan, write_plot
+
+        write_plot(model_plan(loaded)[0], plot)
+    info = inspect_model(loaded)
     _out(json.dumps(info, indent=2, default=str) if as_json else format_inspect(info))
 
 
