@@ -45,8 +45,12 @@ def inspect_model(model: onnx.ModelProto) -> dict:
         "pipeline": meta.get("opc.pipeline"),
         "opc_version": meta.get("opc.version"),
         "stats": json.loads(meta["opc.stats"]) if "opc.stats" in meta else None,
+        "quantize_sensitivity": _json_or_none(meta.get("opc.quantize.sensitivity")),
         "metadata_keys": sorted(meta),
     }
+    from opc.memory import memory_report
+
+    info["memory"] = memory_report(model)
     return info
 
 
@@ -68,10 +72,32 @@ def format_inspect(info: dict) -> str:
         lines.extend(f"  {k}: {v:.1%}" for k, v in sorted(sparse.items()))
     if info["quantized_tensors"] or info["quant_nodes"]:
         lines.append(f"quantized: {len(info['quantized_tensors'])} integer tensors, {info['quant_nodes']} Q/DQ/integer nodes")
+    sens = info.get("quantize_sensitivity")
+    if sens and sens.get("layers"):
+        lines.append(f"quantization sensitivity (SQNR vs float, calibration={sens.get('method')}, "
+                     f"activations {sens.get('activation_type')}; lowest first):")
+        width = max(len(str(row[0])) for row in sens["layers"])
+        for node, op, db in sorted(sens["layers"], key=lambda r: r[2]):
+            lines.append(f"  {str(node):<{width}}  {op:<13} {db:7.2f} dB")
+        for out, db in (sens.get("outputs") or {}).items():
+            lines.append(f"  output {out}: {db:.2f} dB")
     if info["pipeline"]:
         lines.append(f"opc pipeline: {info['pipeline']} (opc {info['opc_version']})")
     if info["stats"]:
         for name, st in info["stats"].items():
             if st:
                 lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in st.items()))
+    if info.get("memory"):
+        from opc.memory import format_memory
+
+        lines.extend(format_memory(info["memory"]))
     return "\n".join(lines)
+
+
+def _json_or_none(text: str | None):
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
