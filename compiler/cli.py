@@ -270,6 +270,69 @@ def demo_cmd(output: Path = typer.Option(Path("opc-demo"), "-o", "--output", hel
 
 # --- commands added by the other parts (keep each block self-contained) ---
 # [export]
+@app.command("export")
+def export_cmd(
+    name: Optional[str] = typer.Argument(None, help="zoo model name (see --list)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the ONNX model"),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 17; 11-20)"),
+    batch: int = typer.Option(1, "--batch", help="batch size of the exported inputs"),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="make the batch axis symbolic"),
+    data: Optional[Path] = typer.Option(None, "--data", help="also write calibration/eval inputs to this .npz"),
+    samples: int = typer.Option(64, "--samples", help="samples written with --data"),
+    split: str = typer.Option("calib", "--split", help="--data from 'calib' or 'eval' data"),
+    list_models: bool = typer.Option(False, "--list", help="list the models and exit"),
+):
+    """Export a PyTorch zoo model to ONNX (needs the torch extra), optionally with sample data."""
+    import opc.models as zoo
+
+    if list_models:
+        for n in zoo.list_models():
+            info = zoo.describe(n)
+            _out(f"{n:<20} {info.family:<9} {info.summary}")
+            _out(f"{'':<20} {'':<9} data: {info.data}")
+        return
+    if name is None or output is None:
+        raise UsageError("opc export NAME -o OUT.onnx (or opc export --list)")
+    zoo.describe(name)  # unknown names fail before torch is needed
+    if data is not None and data.suffix != ".npz":
+        raise UsageError(f"--data {data}: must end in .npz")
+    if samples < 1:
+        raise UsageError(f"--samples {samples}: must be >= 1")
+    zoo.require_torch()
+    import numpy as np
+
+    from opc.ort import compare, make_session
+    from opc.summary import human_bytes, model_summary
+
+    path = zoo.export(name, output, opset=opset, batch=batch, dynamic_batch=dynamic_batch)
+    import onnx
+
+    model = onnx.load(str(path))
+    feeds = zoo.sample_data(name, batch, "calib")
+    sess = make_session(model, threads=2)
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    worst = max(compare(ref, got[k])["max_abs"] for k, ref in zoo.torch_outputs(name, feeds).items())
+    s = model_summary(model)
+    _out(f"wrote {path} ({name}, opset {s['opset']}, batch {'dynamic' if dynamic_batch else batch}, "
+         f"{s['nodes']} nodes, {s['parameters']:,} parameters, {human_bytes(path.stat().st_size)}); "
+         f"max abs difference vs PyTorch {worst:.3g}")
+    if data is not None:
+        import os
+        import tempfile
+
+        arrays = zoo.sample_data(name, samples, split)
+        fd, tmp = tempfile.mkstemp(prefix=f".{data.name}.", suffix=".tmp.npz", dir=data.absolute().parent)
+        os.close(fd)
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, data)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        kind = "synthetic" if zoo.describe(name).synthetic else "real"
+        _out(f"wrote {data} ({samples} {kind} {split} samples: {', '.join(arrays)})")
+
+
 # [run/bench]
 # [tune]
 

@@ -39,19 +39,22 @@ class ModelInfo:
     synthetic: bool        # True when that data is seeded random, not real
 
 
+_RANDOM_VISION_DATA = ("real images: foolbox's 40 CIFAR images upscaled (calibration), its 20 ImageNet images "
+                       "(eval; the weights are random, so compare against fp32, not labels)")
 _ZOO = [
     ModelInfo("digits-cnn", "vision", "LeNet-style CNN trained at export time on sklearn digits (1x8x8)",
               "digits_model", "real: scikit-learn digits (train split for calibration, 360 held out)", False),
     ModelInfo("resnet18", "vision", "ResNet-18, ImageNet-shaped (3x224x224), seeded weights",
-              "vision", "real images: foolbox's 20 ImageNet samples (weights are random, labels meaningless)", False),
+              "vision", _RANDOM_VISION_DATA, False),
     ModelInfo("mobilenetv2", "vision", "MobileNetV2, ImageNet-shaped (3x224x224), seeded weights",
-              "vision", "real images: foolbox's 20 ImageNet samples (weights are random, labels meaningless)", False),
+              "vision", _RANDOM_VISION_DATA, False),
     ModelInfo("efficientnet-lite0", "vision", "EfficientNet-Lite0 with its pretrained ImageNet weights (3x224x224)",
-              "vision", "real: foolbox's 20 labelled ImageNet samples", False),
+              "vision", ("real: foolbox's 20 labelled ImageNet images (eval), "
+               "its 40 CIFAR images upscaled (calibration)"), False),
     ModelInfo("kws-lstm", "speech", "keyword spotting: conv front end + 2-layer LSTM on 49x40 MFCC frames, 12 classes",
               "kws", "synthetic: seeded MFCC-shaped random features", True),
     ModelInfo("bert-tiny", "language", "transformer encoder, 2 layers, hidden 128, 2 heads, seq 32, seeded weights",
-              "text", "real sentences tokenized with MiniLM's vocabulary (weights random)", False),
+              "text", "real sentences tokenized with MiniLM's vocabulary (weights seeded random)", False),
     ModelInfo("minilm-l6", "language", "all-MiniLM-L6-v2 with its real weights, mean-pooled sentence embeddings, seq 32",
               "text", "real: 32 sentence pairs (16 paraphrases, 16 unrelated)", False),
 ]
