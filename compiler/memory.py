@@ -162,10 +162,11 @@ class MemoryPlan:
     def live_at(self) -> list[int]:
         """Bytes in use at each step (aligned; each alias group counted once)."""
         diff = [0] * (len(self.order) + 1)
-        for _, s in self.slots():
+        groups = self.alias_groups()
+        for name, s in self.slots():
             if s.alias_of is not None or s.size == 0:
                 continue
-            end = max(s.last_use, *(t.last_use for t in self._members(s)))
+            end = max([s.last_use] + [self.tensors[m].last_use for m in groups.get(name, [])])
             diff[s.first_use] += align(s.size, self.alignment)
             diff[end + 1] -= align(s.size, self.alignment)
         out, acc = [], 0
@@ -174,14 +175,13 @@ class MemoryPlan:
             out.append(acc)
         return out
 
-    def _members(self, root: Slot) -> list[Slot]:
-        if not hasattr(self, "_groups"):
-            groups: dict[int, list[Slot]] = {}
-            for s in self.tensors.values():
-                if s.alias_of is not None and s.alias_of in self.tensors:
-                    groups.setdefault(id(self.tensors[s.alias_of]), []).append(s)
-            self._groups = groups
-        return self._groups.get(id(root), [])
+    def alias_groups(self) -> dict[str, list[str]]:
+        """root tensor -> the tensors that alias it (views and in-place outputs)."""
+        groups: dict[str, list[str]] = {}
+        for name, s in self.tensors.items():
+            if s.alias_of is not None:
+                groups.setdefault(s.alias_of, []).append(name)
+        return groups
 
     # --- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -981,3 +981,192 @@ def load_plan(model: onnx.ModelProto) -> MemoryPlan | None:
     if plan is None:
         log.info("memory plan not used: %s", reason)
     return plan
+
+
+# ---------------------------------------------------------------------------------------
+# Reporting: `opc inspect` (memory section, text chart, --plot)
+# ---------------------------------------------------------------------------------------
+def model_plan(model: onnx.ModelProto, time_limit: float = 0.5) -> tuple[MemoryPlan, str]:
+    """The stored plan if it matches the graph, else one computed now (not stored), with a
+    line saying which."""
+    plan, reason = load_plan_with_reason(model)
+    if plan is not None:
+        return plan, "stored in the model, matches the graph"
+    plan = plan_model(model, time_limit=time_limit)
+    return plan, f"computed now, not stored ({reason})"
+
+
+def memory_report(model: onnx.ModelProto) -> dict[str, Any]:
+    """The memory section of `opc inspect` (JSON-friendly); {"error": ...} if no plan can be made."""
+    try:
+        plan, source = model_plan(model)
+    except OpcError as exc:
+        return {"error": str(exc)}
+    kinds = [s.kind for s in plan.tensors.values()]
+    return {
+        "source": source,
+        "input_shapes": {k: list(v) for k, v in plan.input_shapes.items()},
+        "arena_bytes": plan.arena_size,
+        "lower_bound_bytes": plan.lower_bound,
+        "naive_bytes": plan.naive_total,
+        "alignment": plan.alignment,
+        "strategy": plan.strategy,
+        "tensors": len(plan.tensors),
+        "views": kinds.count("view"),
+        "inplace": kinds.count("inplace"),
+        "workspaces": len(plan.workspaces),
+        "steps": len(plan.order),
+        "live_bytes": plan.live_at(),
+        "notes": list(plan.notes),
+    }
+
+
+def _mib(n: float) -> str:
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.1f} MiB"
+    if n >= 1 << 10:
+        return f"{n / (1 << 10):.1f} KiB"
+    return f"{int(n)} B"
+
+
+def text_chart(live: list[int], width: int = 64, height: int = 8) -> list[str]:
+    """Live bytes over the steps as rows of '#' (each column: the max over its steps)."""
+    if not live:
+        return ["  (no steps)"]
+    cols = min(width, len(live))
+    per = len(live) / cols
+    values = [max(live[int(c * per):max(int((c + 1) * per), int(c * per) + 1)]) for c in range(cols)]
+    top = max(values) or 1
+    label_w = len(_mib(top))
+    rows = []
+    for r in range(height, 0, -1):
+        level = top * (r - 0.5) / height
+        label = _mib(top) if r == height else ("0 B" if r == 1 else "")
+        rows.append(f"  {label:>{label_w}} |" + "".join("#" if v >= level else " " for v in values))
+    rows.append(f"  {'':>{label_w}} +" + "-" * cols)
+    rows.append(f"  {'':>{label_w}}  step 0{' ' * max(1, cols - 7 - len(str(len(live) - 1)))}{len(live) - 1}")
+    return rows
+
+
+def format_memory(info: dict[str, Any]) -> list[str]:
+    if "error" in info:
+        return [f"memory plan: none ({info['error']})"]
+    shapes = ", ".join(f"{k}: {'x'.join(map(str, v))}" for k, v in info["input_shapes"].items())
+    lb = info["lower_bound_bytes"]
+    lines = [
+        f"memory plan ({info['source']}) for {shapes or 'no inputs'}:",
+        f"  arena {_mib(info['arena_bytes'])} ({info['arena_bytes']:,} B), lower bound {_mib(lb)} "
+        f"({info['arena_bytes'] / lb if lb else 1:.3f}x), naive {_mib(info['naive_bytes'])}; "
+        f"strategy {info['strategy'] or '-'}",
+        f"  {info['tensors']} tensors in the arena ({info['views']} views, {info['inplace']} in place), "
+        f"{info['workspaces']} workspaces, {info['steps']} steps, alignment {info['alignment']}",
+    ]
+    lines.extend(f"  note: {n}" for n in info["notes"])
+    lines.append("  live bytes over the steps:")
+    lines.extend(text_chart(info["live_bytes"]))
+    return lines
+
+
+def write_plot(plan: MemoryPlan, path) -> None:
+    """The arena layout (offset over steps) and live bytes over steps, as SVG (written by
+    hand) or PNG (needs matplotlib)."""
+    from pathlib import Path
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".svg", ".png"):
+        raise UsageError(f"--plot {path}: the file must end in .svg or .png")
+    if not path.absolute().parent.is_dir():
+        raise OpcError(f"--plot {path}: the folder {path.absolute().parent} does not exist")
+    live = plan.live_at()
+    rects = []  # (first, last, offset, size, label, kind)
+    groups = plan.alias_groups()
+    for name, s in plan.tensors.items():
+        if s.alias_of is None and s.size:
+            group = [s] + [plan.tensors[m] for m in groups.get(name, [])]
+            last = max(t.last_use for t in group)
+            label = name + (f" (+{len(group) - 1} aliases)" if len(group) > 1 else "")
+            rects.append((s.first_use, last, s.offset, align(s.size, plan.alignment), label, "tensor"))
+    for idx, s in plan.workspaces.items():
+        rects.append((s.first_use, s.last_use, s.offset, align(s.size, plan.alignment),
+                      f"workspace of node {idx}", "workspace"))
+    if suffix == ".png":
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise OpcError(f"--plot {path}: PNG needs matplotlib (pip install matplotlib); "
+                           "an .svg file needs nothing") from None
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, height_ratios=[3, 1])
+        for first, last, off, size, _, kind in rects:
+            ax1.add_patch(plt.Rectangle((first, off / 2**20), last + 1 - first, size / 2**20,
+                                        color="tab:orange" if kind == "workspace" else "tab:blue",
+                                        alpha=0.6, linewidth=0.3, ec="black"))
+        ax1.set_xlim(0, max(len(live), 1))
+        ax1.set_ylim(0, max(plan.arena_size, 1) / 2**20)
+        ax1.set_ylabel("offset (MiB)")
+        ax1.set_title(f"arena {_mib(plan.arena_size)}, lower bound {_mib(plan.lower_bound)}, "
+                      f"naive {_mib(plan.naive_total)}")
+        ax2.step(range(len(live)), [v / 2**20 for v in live], where="post")
+        ax2.axhline(plan.arena_size / 2**20, color="red", linewidth=0.8)
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("live (MiB)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
+    path.write_text(_svg(plan, live, rects), encoding="utf-8")
+
+
+def _svg(plan: MemoryPlan, live: list[int], rects: list) -> str:
+    from xml.sax.saxutils import escape
+
+    w, left, right = 960, 70, 20
+    top_h, bottom_h, pad = 420, 140, 40
+    height = pad + top_h + pad + bottom_h + pad
+    steps = max(len(live), 1)
+    arena = max(plan.arena_size, 1)
+    peak = max(max(live, default=0), arena, 1)
+    plot_w = w - left - right
+
+    def x(step):
+        return left + plot_w * step / steps
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" '
+           f'viewBox="0 0 {w} {height}" font-family="sans-serif" font-size="12">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{left}" y="{pad - 14}" font-size="14">arena {escape(_mib(plan.arena_size))}, '
+           f'lower bound {escape(_mib(plan.lower_bound))}, naive {escape(_mib(plan.naive_total))} '
+           f'({len(plan.tensors)} tensors, {steps} steps)</text>',
+           f'<rect x="{left}" y="{pad}" width="{plot_w}" height="{top_h}" fill="none" stroke="black"/>']
+    for first, last, off, size, label, kind in rects:
+        y = pad + top_h - top_h * (off + size) / arena
+        h = top_h * size / arena
+        color = "#f28e2b" if kind == "workspace" else "#4e79a7"
+        out.append(f'<rect x="{x(first):.2f}" y="{y:.2f}" width="{x(last + 1) - x(first):.2f}" '
+                   f'height="{h:.2f}" fill="{color}" fill-opacity="0.7" stroke="black" stroke-width="0.3">'
+                   f'<title>{escape(label)}: {size} B at {off}, steps {first}-{last}</title></rect>')
+    out.append(f'<text x="{left - 6}" y="{pad + 4}" text-anchor="end">{escape(_mib(arena))}</text>')
+    out.append(f'<text x="{left - 6}" y="{pad + top_h}" text-anchor="end">0</text>')
+    out.append(f'<text x="14" y="{pad + top_h / 2}" transform="rotate(-90 14 {pad + top_h / 2})" '
+               f'text-anchor="middle">offset</text>')
+    y0 = pad + top_h + pad
+    out.append(f'<rect x="{left}" y="{y0}" width="{plot_w}" height="{bottom_h}" fill="none" stroke="black"/>')
+    pts = []
+    for s, v in enumerate(live):
+        yy = y0 + bottom_h - bottom_h * v / peak
+        pts.append(f"{x(s):.2f},{yy:.2f} {x(s + 1):.2f},{yy:.2f}")
+    if pts:
+        out.append(f'<polyline points="{" ".join(pts)}" fill="none" stroke="#4e79a7" stroke-width="1.5"/>')
+    ya = y0 + bottom_h - bottom_h * arena / peak
+    out.append(f'<line x1="{left}" y1="{ya:.2f}" x2="{left + plot_w}" y2="{ya:.2f}" stroke="#e15759" '
+               f'stroke-dasharray="4 3"><title>arena size</title></line>')
+    out.append(f'<text x="{left - 6}" y="{y0 + 4}" text-anchor="end">{escape(_mib(peak))}</text>')
+    out.append(f'<text x="{left - 6}" y="{y0 + bottom_h}" text-anchor="end">0</text>')
+    out.append(f'<text x="14" y="{y0 + bottom_h / 2}" transform="rotate(-90 14 {y0 + bottom_h / 2})" '
+               f'text-anchor="middle">live</text>')
+    out.append(f'<text x="{left + plot_w / 2}" y="{y0 + bottom_h + 28}" text-anchor="middle">step (0 to {steps - 1})</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
