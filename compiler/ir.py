@@ -72,14 +72,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
         data_name = path.name + ".data"
         external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
         if not external:
-            _write_synced(staged, model.SerializeToString(deterministic=True))
+            _write_synced(staged, _serialize(model, path))
         else:
-            onnx.save_model(
-                copy.deepcopy(model), str(staged), save_as_external_data=True,
-                all_tensors_to_one_file=True, location=data_name, size_threshold=1024,
-            )
-            for f in (staged, staging / data_name):
-                _fsync_path(f)
+            _write_with_external_data(model, staged, staging / data_name, path)
         if mode is not None:
             os.chmod(staged, mode)
         if external:
@@ -92,6 +87,51 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _serialize(model: onnx.ModelProto, path: Path) -> bytes:
+    try:
+        return model.SerializeToString(deterministic=True)
+    except ValueError as exc:  # over protobuf's 2 GB even after moving weights out
+        raise OpcError(f"{path}: the model cannot be serialized ({exc})") from None
+
+
+def _write_with_external_data(model: onnx.ModelProto, staged: Path, data_path: Path, path: Path) -> None:
+    """Move every raw initializer of 1 KiB or more into ``data_path`` (64-byte aligned),
+    write the model, then put the model's tensors back as they were. Written here rather
+    than with onnx.save_model, which checks for an existing data file relative to the
+    current directory and appends to whatever file is there."""
+    from opc.summary import iter_graphs
+
+    moved = []
+    try:
+        fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            offset = 0
+            for graph in iter_graphs(model.graph):
+                for tensor in graph.initializer:
+                    if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) < 1024:
+                        continue
+                    pad = -offset % 64
+                    f.write(b"\0" * pad)
+                    offset += pad
+                    raw = tensor.raw_data
+                    f.write(raw)
+                    moved.append((tensor, raw))
+                    tensor.ClearField("raw_data")
+                    tensor.data_location = onnx.TensorProto.EXTERNAL
+                    for key, value in (("location", data_path.name), ("offset", str(offset)),
+                                       ("length", str(len(raw)))):
+                        tensor.external_data.add(key=key, value=value)
+                    offset += len(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        _write_synced(staged, _serialize(model, path))
+    finally:
+        for tensor, raw in moved:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
 
 
 def _write_synced(path: Path, data: bytes) -> None:
