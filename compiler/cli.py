@@ -335,6 +335,34 @@ def export_cmd(
 
 # [run/bench]
 # [tune]
+@app.command("tune")
+def tune_cmd(
+    model: Path = typer.Argument(..., help="input ONNX model"),
+    output: Path = typer.Option(..., "-o", "--output", help="where to write the winner (or the closest miss)"),
+    calibration_data: Path = typer.Option(..., "--calibration-data", help=".npz for quantize calibration"),
+    eval_data: Path = typer.Option(..., "--eval-data", help=".npz of evaluation inputs (+ optional 'labels')"),
+    labels: Optional[Path] = typer.Option(None, "--labels", help=".npy of labels for --metric top1"),
+    metric: str = typer.Option("top1", "--metric", help="top1 | cosine | mse | module.py:function"),
+    max_drop: float = typer.Option(0.01, "--max-drop", help="largest metric drop allowed vs the float model"),
+    trials: int = typer.Option(20, "--trials", help="configurations to evaluate (the float baseline is extra)"),
+    objective: str = typer.Option("latency", "--objective", help="latency | size"),
+    log: Optional[Path] = typer.Option(None, "--log", help="write every trial as a JSON line"),
+    seed: int = typer.Option(0, "--seed", help="seed of the search order"),
+    workers: int = typer.Option(0, "--workers", help="parallel trial processes (0: half the cores, 1: serial)"),
+    repeats: int = typer.Option(30, "--repeats", help="timed runs per latency measurement"),
+    latency_batch: int = typer.Option(1, "--latency-batch", help="samples per timed run"),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="only the final line"),
+):
+    """Search per-layer quantize/prune choices for the fastest (or smallest) model within --max-drop.
+
+    Exit 3 when no configuration meets the budget (the closest one is written)."""
+    from opc.tune import run_cli
+
+    rc = run_cli(model, output, calibration_data, eval_data, labels=labels, metric=metric, max_drop=max_drop,
+                 trials=trials, objective=objective, log=log, seed=seed, workers=workers, repeats=repeats,
+                 latency_batch=latency_batch, quiet=quiet, echo=_out)
+    if rc:
+        raise typer.Exit(rc)
 
 
 def _click_errors(name: str) -> tuple:

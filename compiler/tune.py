@@ -1,0 +1,820 @@
+"""opc tune: an accuracy budget in, the fastest (or smallest) model that meets it out.
+
+Every configuration is a pipeline string (``fold,prune(...),quantize(exclude=[...])``),
+so ``opc compile --passes "<winner>"`` with the same calibration data reproduces the
+winner byte for byte; the winner's string is stored in the output's ``opc.pipeline``
+metadata by the pass manager (tune adds nothing else, so the bytes stay equal).
+
+The search, in order (each step is one or more trials, offered ``runner.workers`` at a
+time and decided on in trial order, so the outcome does not depend on which worker
+finishes first):
+
+1. ``baseline``: the float model (``fold``): reference latency and size; not a candidate.
+2. ``sensitivity``: quantize every layer once; the quantize pass's per-layer SQNR table
+   ranks the layers (lowest SQNR = most sensitive). Without a table the first and last
+   layers are taken as the most sensitive.
+3. ``calibration`` (only if step 2 misses the budget): the other calibration methods,
+   and weight-only quantization when the model has MatMul/Gemm layers.
+4. ``fallback`` (only if still no configuration meets the budget): keep the k most
+   sensitive layers in float; k doubles until the budget holds, then a bisection finds
+   the smallest such k. At least one layer always stays quantized.
+5. ``improve``: greedy hill climbing from the best configuration that meets the budget:
+   re-quantize a fallen-back layer, keep one more layer in float (latency only: Q/DQ
+   pairs around a small layer can cost more than they save), switch weight-only, add
+   pruning. A move is taken when it meets the budget and beats the incumbent's
+   objective (latency by more than the timing noise margin); moves are tried in a
+   seeded order within each kind.
+6. ``final`` (latency only): the best few candidates and the float model are re-timed
+   one after another in this process, interleaved, so that the winner is not picked
+   on timings disturbed by concurrently running workers.
+
+Metrics are scores where higher is better; ``drop`` = score(float model) - score(candidate):
+``top1`` (accuracy on the labels, or agreement with the float model's argmax without
+labels), ``cosine`` (mean per-sample cosine similarity to the float outputs; float = 1),
+``mse`` (score = -mean squared error relative to the mean square of the float outputs),
+or ``module.py:function`` called as ``function(outputs, reference, labels) -> float``
+(lists of arrays, one per model output; higher is better).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+
+from opc.errors import DataError, OpcError, UsageError
+from opc.trials import SerialRunner, Trial, TrialResult, TrialRunner
+
+BUILTIN_METRICS = ("top1", "cosine", "mse")
+OBJECTIVES = ("latency", "size")
+LATENCY_MARGIN = 0.03  # a latency move must be this much faster to count (timing noise)
+PRUNE_LEVELS = (0.25, 0.5)
+MATMUL_OPS = ("MatMul", "Gemm")
+
+
+class BudgetNotMet(OpcError):
+    """No configuration met the accuracy budget (the closest one was still written)."""
+
+    exit_code = 3
+
+
+# --- data and metrics --------------------------------------------------------------------
+def load_eval_data(path: str | Path, model: onnx.ModelProto, labels: str | Path | None = None):
+    """Read evaluation inputs (an .npz keyed by input name) and labels.
+
+    Labels come from ``labels`` (a .npy) or from a ``labels`` key in the .npz that is not
+    a model input. Returns (dict of input arrays, labels array or None).
+    """
+    from opc.data import CalibrationData
+    from opc.ort import graph_inputs
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such evaluation data file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read evaluation data ({exc})") from None
+    inputs = {v.name for v in graph_inputs(model)}
+    label_array = None
+    if "labels" in arrays and "labels" not in inputs:
+        label_array = arrays.pop("labels")
+    if labels is not None:
+        lp = Path(labels)
+        try:
+            label_array = np.load(lp, allow_pickle=False)
+        except Exception as exc:
+            raise DataError(f"{lp}: cannot read labels ({exc})") from None
+    data = CalibrationData(path, arrays)
+    data.check_against(model)
+    if label_array is not None and len(label_array) != data.num_samples:
+        raise DataError(f"labels: {len(label_array)} labels for {data.num_samples} evaluation samples in {path}")
+    return arrays, label_array
+
+
+def _flat(outputs: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(o, dtype=np.float64).reshape(len(o), -1) for o in outputs], axis=1)
+
+
+def top1(outputs, reference, labels) -> float:
+    """Accuracy of argmax over the last axis of the first output (vs labels, or vs the float model)."""
+    pred = np.asarray(outputs[0]).argmax(axis=-1)
+    target = np.asarray(labels) if labels is not None else np.asarray(reference[0]).argmax(axis=-1)
+    return float(np.mean(pred.reshape(-1) == target.reshape(pred.shape).reshape(-1)))
+
+
+def cosine(outputs, reference, labels) -> float:
+    a, r = _flat(outputs), _flat(reference)
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(r, axis=1)
+    num = np.sum(a * r, axis=1)
+    cos = np.where(denom > 0, num / np.where(denom > 0, denom, 1.0), np.all(a == r, axis=1).astype(float))
+    return float(np.mean(cos))
+
+
+def mse(outputs, reference, labels) -> float:
+    a, r = _flat(outputs), _flat(reference)
+    scale = float(np.mean(r * r)) or 1.0
+    return -float(np.mean((a - r) ** 2)) / scale
+
+
+def resolve_metric(spec: str) -> Callable:
+    """``top1``, ``cosine``, ``mse`` or ``path/to/module.py:function``."""
+    if spec in BUILTIN_METRICS:
+        return {"top1": top1, "cosine": cosine, "mse": mse}[spec]
+    file, sep, func = spec.rpartition(":")
+    if not sep or not file.endswith(".py") or not func:
+        raise UsageError(f"--metric {spec!r}: expected top1, cosine, mse or module.py:function")
+    path = Path(file)
+    if not path.is_file():
+        raise UsageError(f"--metric {spec!r}: no such file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"opc_user_metric_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise UsageError(f"--metric {spec!r}: cannot import {path} ({type(exc).__name__}: {exc})") from None
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise UsageError(f"--metric {spec!r}: {path} has no function {func!r}")
+    return fn
+
+
+# --- the task every worker sets up ---------------------------------------------------------
+@dataclass
+class TuneTask:
+    """Everything a worker needs to evaluate trials; picklable (bytes and arrays)."""
+
+    model_bytes: bytes
+    calibration: dict[str, np.ndarray]
+    calibration_source: str
+    eval_inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    metric: str = "top1"
+    repeats: int = 30
+    warmup: int = 3
+    threads: int = 1
+    latency_batch: int = 1
+    eval_batch: int = 64
+
+    def setup(self) -> "Evaluator":
+        return Evaluator(self)
+
+
+def _fixed_batch(model: onnx.ModelProto) -> int | None:
+    from opc.ort import graph_inputs, input_spec
+
+    for v in graph_inputs(model):
+        dims, _ = input_spec(v)
+        if dims and isinstance(dims[0], int):
+            return dims[0]
+    return None
+
+
+def measure_latency(session, feeds: dict, repeats: int, warmup: int) -> tuple[float, float]:
+    """Median and interquartile range (ms) of ``repeats`` timed runs after ``warmup``."""
+    names = [o.name for o in session.get_outputs()]
+    for _ in range(warmup):
+        session.run(names, feeds)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(names, feeds)
+        times.append((time.perf_counter() - t0) * 1000)
+    q = np.percentile(times, [25, 50, 75])
+    return float(q[1]), float(q[2] - q[0])
+
+
+class Evaluator:
+    """Compiles a trial's pipeline and measures metric drop, latency and size."""
+
+    def __init__(self, task: TuneTask):
+        from opc.data import CalibrationData
+
+        self.task = task
+        self.model = onnx.load_from_string(task.model_bytes)
+        self.calibration = CalibrationData(Path(task.calibration_source), task.calibration)
+        self.metric = resolve_metric(task.metric)
+        fixed = _fixed_batch(self.model)
+        self.eval_batch = fixed or task.eval_batch
+        lat_batch = fixed or task.latency_batch
+        self.latency_feeds = {k: np.ascontiguousarray(v[:lat_batch]) for k, v in task.eval_inputs.items()}
+        n = len(next(iter(task.eval_inputs.values())))
+        if fixed is not None and n % fixed:
+            raise DataError(f"the model's batch size is fixed at {fixed}; give a multiple of {fixed} "
+                            f"evaluation samples (got {n})")
+        self.reference = self.outputs(self.model)
+        self.baseline_score = float(self.metric(self.reference, self.reference, task.labels))
+
+    def session(self, model):
+        from opc.ort import make_session
+
+        return make_session(model, threads=self.task.threads)
+
+    def outputs(self, model, session=None) -> list[np.ndarray]:
+        sess = session or self.session(model)
+        names = [o.name for o in sess.get_outputs()]
+        n = len(next(iter(self.task.eval_inputs.values())))
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        for start in range(0, n, self.eval_batch):
+            feeds = {k: v[start:start + self.eval_batch] for k, v in self.task.eval_inputs.items()}
+            for i, out in enumerate(sess.run(names, feeds)):
+                parts[i].append(out)
+        return [np.concatenate(p) for p in parts]
+
+    def compile(self, pipeline: str):
+        import opc
+
+        return opc.compile(self.model, passes=pipeline, calibration=self.calibration)
+
+    def __call__(self, trial: Trial) -> TrialResult:
+        started = time.perf_counter()
+        model, report = self.compile(trial.pipeline)
+        compile_s = time.perf_counter() - started
+        payload = model.SerializeToString(deterministic=True)
+        sess = self.session(model)
+        score = float(self.metric(self.outputs(model, sess), self.reference, self.task.labels))
+        latency, spread = measure_latency(sess, self.latency_feeds, self.task.repeats, self.task.warmup)
+        details = {}
+        for record in report.passes:
+            table = record.details.get("sensitivity")
+            if table and trial.phase in ("sensitivity", "calibration"):
+                details.setdefault("sensitivity", table)
+        return TrialResult(
+            index=trial.index, pipeline=trial.pipeline, phase=trial.phase, note=trial.note,
+            metric=score, drop=self.baseline_score - score, latency_ms=latency, latency_spread_ms=spread,
+            size_bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest(), compile_s=compile_s,
+            time_s=time.perf_counter() - started, worker=f"pid{os.getpid()}", details=details,
+        )
+
+
+# --- configurations --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """One point of the search space; ``pipeline()`` is its canonical pipeline string."""
+
+    quantize: bool = True
+    exclude: tuple[str, ...] = ()
+    calibration: str | None = None  # None: the quantize pass's default
+    weight_only: bool = False
+    extra: tuple[tuple[str, Any], ...] = ()  # further quantize options, e.g. (("bias_correction", True),)
+    sparsity: float = 0.0  # 0: no prune pass
+    prune_mode: str | None = None
+
+    def pipeline(self) -> str:
+        from opc.pipeline import format_pipeline
+        from opc.registry import get_pass_class
+
+        passes = [get_pass_class("fold")()]
+        if self.sparsity > 0:
+            passes.append(_make_pass("prune", {"sparsity": self.sparsity, "mode": self.prune_mode}))
+        if self.quantize:
+            options = {"exclude": tuple(sorted(self.exclude)), "calibration": self.calibration,
+                       "weight_only": self.weight_only or None}
+            options.update(dict(self.extra))
+            passes.append(_make_pass("quantize", options))
+        return format_pipeline(passes)
+
+
+def _make_pass(name: str, options: dict):
+    from opc.registry import get_pass_class
+
+    cls = get_pass_class(name)
+    known = {f.name for f in cls.option_fields()}
+    wanted = {k: v for k, v in options.items() if v not in (None, ())}
+    missing = sorted(set(wanted) - known)
+    if missing:
+        raise OpcError(f"tune needs option(s) {', '.join(missing)} of pass '{name}', which it does not have")
+    return cls.from_options(wanted)
+
+
+def pass_choices(name: str, option: str) -> tuple[str, ...]:
+    """The Literal choices of a pass option ('' if the pass or option is missing)."""
+    import typing
+
+    from opc.registry import get_pass_class
+
+    try:
+        cls = get_pass_class(name)
+    except Exception:
+        return ()
+    tp = cls.option_types().get(option)
+    if tp is not None and typing.get_origin(tp) is typing.Literal:
+        return tuple(str(a) for a in typing.get_args(tp))
+    return ()
+
+
+def pass_default(name: str, option: str):
+    from opc.registry import get_pass_class
+
+    for f in get_pass_class(name).option_fields():
+        if f.name == option:
+            return f.default
+    return None
+
+
+def fallback_order(model: onnx.ModelProto, table: list[dict] | None) -> list[str]:
+    """Quantized layers, most sensitive first.
+
+    The quantize table gives each layer's output SQNR against the float model, which
+    includes the error of every quantized layer upstream; a layer's own share is the
+    noise it adds on top of its nearest quantized producers (noise-to-signal ratios add),
+    so layers are ranked by 10^(-sqnr/10) minus the largest such ratio among its inputs.
+    Without a table the first and last compute layers come first, then inwards.
+    """
+    if table:
+        nsr = {}
+        for r in table:
+            if r.get("node"):
+                db = float(r.get("sqnr_db", math.inf))
+                nsr[r["node"]] = 0.0 if db == math.inf else (1.0 if math.isnan(db) else 10 ** (-db / 10))
+        local = _local_noise(model, nsr)
+        order = {n.name: i for i, n in enumerate(model.graph.node)}
+        return sorted(nsr, key=lambda n: (-local[n], order.get(n, 0), n))
+    layers = [n.name for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose") + MATMUL_OPS and n.name]
+    out = []
+    while layers:
+        out.append(layers.pop(0))
+        if layers:
+            out.append(layers.pop())
+    return out
+
+
+def _local_noise(model: onnx.ModelProto, nsr: dict[str, float]) -> dict[str, float]:
+    """nsr[node] minus the worst nsr among the nearest table nodes upstream of it."""
+    producer = {}
+    for n in model.graph.node:
+        for o in n.output:
+            producer[o] = n
+    out = {}
+    for n in model.graph.node:
+        if n.name not in nsr:
+            continue
+        upstream, stack, seen = 0.0, list(n.input), set()
+        while stack:
+            t = stack.pop()
+            if t in seen or t not in producer:
+                continue
+            seen.add(t)
+            p = producer[t]
+            if p.name in nsr:
+                upstream = max(upstream, nsr[p.name])
+            else:
+                stack.extend(p.input)
+        out[n.name] = nsr[n.name] - upstream
+    for name in nsr:  # names the graph walk did not find (e.g. renamed by earlier passes)
+        out.setdefault(name, nsr[name])
+    return out
+
+
+def pareto_front(results: Iterable[TrialResult], objective: str) -> list[TrialResult]:
+    """Trials not dominated in (drop, objective) — lower is better in both."""
+    pts = [r for r in results if r.ok and r.phase != "baseline"]
+    key = (lambda r: r.latency_ms) if objective == "latency" else (lambda r: r.size_bytes)
+    front = []
+    for r in pts:
+        dominated = any(
+            (q.drop <= r.drop and key(q) <= key(r)) and (q.drop < r.drop or key(q) < key(r)) for q in pts
+        )
+        if not dominated:
+            front.append(r)
+    front.sort(key=lambda r: (r.drop, key(r)))
+    # one per (drop, objective) point
+    out, seen = [], set()
+    for r in front:
+        if (r.drop, key(r)) not in seen:
+            seen.add((r.drop, key(r)))
+            out.append(r)
+    return out
+
+
+# --- the search ---------------------------------------------------------------------------
+@dataclass
+class TuneResult:
+    best: TrialResult | None
+    met: bool
+    model: onnx.ModelProto | None
+    baseline: TrialResult | None
+    results: list[TrialResult] = field(default_factory=list)
+    pareto: list[TrialResult] = field(default_factory=list)
+    reproduced: bool | None = None
+    interrupted: bool = False
+    messages: list[str] = field(default_factory=list)
+    final_timing: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pipeline(self) -> str | None:
+        return self.best.pipeline if self.best else None
+
+
+class _Search:
+    def __init__(self, runner: TrialRunner, model: onnx.ModelProto, *, max_drop: float, trials: int,
+                 objective: str, seed: int, log_file=None, on_result=None):
+        self.runner = runner
+        self.model = model
+        self.max_drop = max_drop
+        self.budget = trials
+        self.objective = objective
+        self.rng = random.Random(seed)
+        self.log_file = log_file
+        self.on_result = on_result
+        self.results: list[TrialResult] = []
+        self.by_pipeline: dict[str, TrialResult] = {}
+        self.config_of: dict[str, Config] = {}
+        self.next_index = 0
+        self.used = 0
+        self.baseline: TrialResult | None = None
+        ops = {n.op_type for n in model.graph.node}
+        self.has_matmul = bool(ops & set(MATMUL_OPS))
+
+    # bookkeeping
+    def key(self, r: TrialResult) -> float:
+        return r.latency_ms if self.objective == "latency" else r.size_bytes
+
+    def meets(self, r: TrialResult | None) -> bool:
+        return r is not None and r.ok and r.phase != "baseline" and r.drop <= self.max_drop
+
+    def best(self) -> TrialResult | None:
+        feasible = [r for r in self.results if self.meets(r)]
+        if feasible:
+            return min(feasible, key=lambda r: (self.key(r), r.drop, r.index))
+        tried = [r for r in self.results if r.ok and r.phase != "baseline"]
+        return min(tried, key=lambda r: (r.drop, self.key(r), r.index)) if tried else None
+
+    def left(self) -> int:
+        return self.budget - self.used
+
+    def evaluate(self, items: Sequence[tuple[Config | None, str, str]], count: bool = True) -> list[TrialResult]:
+        """Run (config, phase, note) items not seen before; return their results in trial order."""
+        trials, known = [], []
+        for config, phase, note in items:
+            pipeline = config.pipeline() if config is not None else "fold"
+            if pipeline in self.by_pipeline:
+                known.append(self.by_pipeline[pipeline])
+                continue
+            if count and self.used >= self.budget:
+                break
+            if any(t.pipeline == pipeline for t in trials):
+                continue
+            trials.append(Trial(self.next_index, pipeline, phase, note))
+            self.next_index += 1
+            if config is not None:
+                self.config_of[pipeline] = config
+            if count:
+                self.used += 1
+        fresh = []
+        for result in self.runner.run(trials):
+            fresh.append(result)
+            self.results.append(result)
+            self.by_pipeline[result.pipeline] = result
+            if self.log_file is not None:
+                self.log_file.write(json.dumps(result.to_json(), default=str) + "\n")
+                self.log_file.flush()
+            if self.on_result is not None:
+                self.on_result(result, self)
+        fresh.sort(key=lambda r: r.index)
+        return sorted(known + fresh, key=lambda r: r.index)
+
+    def batch(self) -> int:
+        return max(1, self.runner.workers)
+
+    # phases
+    def run(self) -> None:
+        self.baseline = self.evaluate([(None, "baseline", "float model")], count=False)[0]
+        if not self.baseline.ok:
+            raise OpcError(f"the float model cannot be evaluated: {self.baseline.error}")
+        first = self.evaluate([(Config(), "sensitivity", "every layer quantized")])[0]
+        if not first.ok:
+            raise OpcError(f"quantizing every layer failed: {first.error}")
+        table = first.details.get("sensitivity")
+        base = Config()
+        if not self.meets(first):
+            base, table = self.calibration_phase(first, table)
+        order = fallback_order(self.model, table)
+        self.order = order
+        if self.best() is None or not self.meets(self.best()):
+            self.fallback_phase(base, order)
+        self.improve_phase(order)
+
+    def calibration_phase(self, first: TrialResult, table):
+        default = pass_default("quantize", "calibration")
+        # "random" calibrates on synthetic data: never a way to recover accuracy
+        items = [(Config(calibration=c), "calibration", f"calibration={c}")
+                 for c in pass_choices("quantize", "calibration") if c not in (default, "random")]
+        if pass_default("quantize", "bias_correction") is not None:
+            items.append((Config(extra=(("bias_correction", True),)), "calibration", "bias correction"))
+        if self.has_matmul and pass_default("quantize", "smoothquant") is not None:
+            items.append((Config(extra=(("smoothquant", True),)), "calibration", "smoothquant"))
+        if self.has_matmul and pass_default("quantize", "weight_only") is not None:
+            items.append((Config(weight_only=True), "calibration", "weight-only"))
+        results = [first]
+        for start in range(0, len(items), self.batch()):
+            if self.left() <= 0:
+                break
+            results += self.evaluate(items[start:start + self.batch()])
+        good = [r for r in results if r.ok]
+        pick = min(good, key=lambda r: (r.drop, r.index))
+        config = self.config_of.get(pick.pipeline, Config())
+        return config, pick.details.get("sensitivity") or table
+
+    def fallback_phase(self, base: Config, order: list[str]) -> None:
+        n = len(order)
+        if n < 2:
+            return
+        lo, hi = 0, None  # lo: largest k known to miss, hi: smallest k known to meet
+        ks, k = [], 1
+        while k < n:
+            ks.append(k)
+            k *= 2
+        ks.append(n - 1)
+        ks = sorted(set(ks))
+
+        def try_ks(values):
+            nonlocal lo, hi
+            items = [(replace(base, exclude=tuple(order[:v])), "fallback", f"{v} most sensitive in float")
+                     for v in values]
+            for v, r in zip(values, self.evaluate(items)):
+                if self.meets(r):
+                    hi = v if hi is None else min(hi, v)
+                elif r.ok:
+                    lo = max(lo, v) if hi is None or v < hi else lo
+
+        i = 0
+        while hi is None and i < len(ks) and self.left() > 0:
+            try_ks(ks[i:i + self.batch()])
+            i += self.batch()
+        while hi is not None and hi - lo > 1 and self.left() > 0:
+            span = hi - lo
+            step = max(1, span // (self.batch() + 1))
+            values = sorted({lo + step * j for j in range(1, self.batch() + 1) if lo + step * j < hi})
+            try_ks(values)
+
+    def moves(self, cfg: Config, order: list[str]) -> list[tuple[Config, str]]:
+        rank = {name: i for i, name in enumerate(order)}
+        groups: list[list[tuple[Config, str]]] = []
+        # re-quantize a layer that fell back (least sensitive first)
+        back = sorted(cfg.exclude, key=lambda n: -rank.get(n, 0))
+        groups.append([(replace(cfg, exclude=tuple(x for x in cfg.exclude if x != n)), f"re-quantize {n}")
+                       for n in back])
+        if self.objective == "latency":
+            keep = [n for n in order if n not in cfg.exclude]
+            if len(keep) > 1:
+                moves = [(replace(cfg, exclude=cfg.exclude + (n,)), f"keep {n} in float") for n in keep]
+                self.rng.shuffle(moves)
+                groups.append(moves)
+            if self.has_matmul and pass_default("quantize", "weight_only") is not None:
+                groups.append([(replace(cfg, weight_only=not cfg.weight_only),
+                                "weight-only" if not cfg.weight_only else "full quantization")])
+        if self.objective == "size" and self.has_matmul and pass_default("quantize", "weight_bits") is not None:
+            extra = tuple(kv for kv in cfg.extra if kv[0] != "weight_bits") + (("weight_bits", 4),)
+            groups.append([(replace(cfg, weight_only=True, extra=extra), "int4 weight-only")])
+        prune_modes = pass_choices("prune", "mode")
+        if prune_modes:
+            # zeros only shrink or speed up a model when whole channels go; unstructured
+            # and n:m sparsity are tried for size only as a last resort (file bytes stay)
+            modes = [m for m in ("channels",) if m in prune_modes]
+            moves = [(replace(cfg, sparsity=s, prune_mode=m if m != pass_default("prune", "mode") else None),
+                      f"prune {m} {s}") for m in modes for s in PRUNE_LEVELS if s != cfg.sparsity]
+            groups.append(moves)
+        out = []
+        for g in groups:
+            out += g
+        return out
+
+    def better(self, r: TrialResult, incumbent: TrialResult) -> bool:
+        if not self.meets(r):
+            return False
+        if self.objective == "latency":
+            return r.latency_ms < incumbent.latency_ms * (1 - LATENCY_MARGIN)
+        return (r.size_bytes, r.drop) < (incumbent.size_bytes, incumbent.drop)
+
+    def improve_phase(self, order: list[str]) -> None:
+        current = self.best()
+        if not self.meets(current):
+            return
+        tried: set[str] = set()
+        while self.left() > 0:
+            cfg = self.config_of.get(current.pipeline)
+            if cfg is None:
+                return
+            candidates = [(c, note) for c, note in self.moves(cfg, order)
+                          if c.pipeline() not in self.by_pipeline and c.pipeline() not in tried]
+            if not candidates:
+                return
+            improved = None
+            for start in range(0, len(candidates), self.batch()):
+                if self.left() <= 0:
+                    break
+                chunk = candidates[start:start + self.batch()]
+                tried.update(c.pipeline() for c, _ in chunk)
+                results = self.evaluate([(c, "improve", note) for c, note in chunk])
+                winners = [r for r in results if self.better(r, current)]
+                if winners:
+                    improved = min(winners, key=lambda r: (self.key(r), r.drop, r.index))
+                    break
+            if improved is None:
+                return
+            current = improved
+
+
+def _retime(evaluator: "Evaluator", models: dict[str, onnx.ModelProto], rounds: int) -> dict[str, float]:
+    """Interleaved serial timing: each round times every model once; medians across rounds."""
+    sessions = {k: evaluator.session(m) for k, m in models.items()}
+    per = {k: [] for k in models}
+    reps = max(3, evaluator.task.repeats // rounds)
+    for _ in range(rounds):
+        for k, sess in sessions.items():
+            per[k].append(measure_latency(sess, evaluator.latency_feeds, reps, 1)[0])
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
+def tune(model: onnx.ModelProto | str | Path, calibration, eval_data, *, labels=None, metric: str = "top1",
+         max_drop: float = 0.01, trials: int = 20, objective: str = "latency", seed: int = 0,
+         runner: TrialRunner | None = None, log: str | Path | None = None, on_result=None,
+         repeats: int = 30, threads: int = 1, latency_batch: int = 1, finalists: int = 3) -> TuneResult:
+    """Search pipelines for the best model whose metric drop is at most ``max_drop``.
+
+    ``calibration`` and ``eval_data`` are .npz paths (``eval_data`` may also be a dict of
+    arrays, then ``labels`` an array). Returns a TuneResult whose ``model`` is the winner
+    compiled again in this process (``reproduced`` says whether its bytes equal the
+    trial's); ``met`` is False when no configuration met the budget (``best`` is then the
+    closest one).
+    """
+    from opc.data import CalibrationData
+    from opc.ir import as_model
+
+    if objective not in OBJECTIVES:
+        raise UsageError(f"--objective {objective!r}: expected latency or size")
+    if not (max_drop >= 0 and math.isfinite(max_drop)):
+        raise UsageError(f"--max-drop {max_drop!r}: expected a number >= 0")
+    if trials < 1:
+        raise UsageError(f"--trials {trials}: at least 1 trial is needed")
+    resolve_metric(metric)  # usage errors before any work
+    source, _ = as_model(model)
+    calib = calibration if isinstance(calibration, CalibrationData) else CalibrationData.load(calibration, source)
+    calib.check_against(source)
+    if isinstance(eval_data, dict):
+        eval_inputs, label_array = dict(eval_data), (None if labels is None else np.asarray(labels))
+        CalibrationData(Path("<eval>"), eval_inputs).check_against(source)
+    else:
+        eval_inputs, label_array = load_eval_data(eval_data, source, labels)
+    if metric == "top1" and label_array is None:
+        pass  # agreement with the float model's predictions
+    task = TuneTask(model_bytes=source.SerializeToString(deterministic=True),
+                    calibration={k: np.asarray(v) for k, v in calib.arrays.items()},
+                    calibration_source=str(calib.source), eval_inputs=eval_inputs, labels=label_array,
+                    metric=metric, repeats=repeats, threads=threads, latency_batch=latency_batch)
+    runner = runner or SerialRunner()
+    log_file = open(log, "w") if log is not None else None
+    search = _Search(runner, source, max_drop=max_drop, trials=trials, objective=objective, seed=seed,
+                     log_file=log_file, on_result=on_result)
+    interrupted = False
+    try:
+        runner.start(task)
+        try:
+            search.run()
+        except KeyboardInterrupt:
+            interrupted = True
+    finally:
+        runner.close()
+    result = TuneResult(best=None, met=False, model=None, baseline=search.baseline, results=list(search.results),
+                        interrupted=interrupted)
+    result.pareto = pareto_front(search.results, objective)
+    try:
+        best = search.best()
+        if best is None:
+            if log_file:
+                log_file.close()
+            return result
+        evaluator = task.setup()
+        feasible = sorted((r for r in search.results if search.meets(r)), key=lambda r: (search.key(r), r.drop))
+        models = {best.pipeline: evaluator.compile(best.pipeline)[0]}
+        if objective == "latency" and len(feasible) > 1 and finalists > 1 and not interrupted:
+            for r in feasible[:finalists]:
+                if r.pipeline not in models:
+                    models[r.pipeline] = evaluator.compile(r.pipeline)[0]
+            timed = _retime(evaluator, {**models, "<float>": evaluator.model}, rounds=5)
+            result.final_timing = timed
+            best = min(feasible[:finalists], key=lambda r: (timed[r.pipeline], r.drop))
+            if log_file:
+                log_file.write(json.dumps({"phase": "final", "retimed_ms": timed}) + "\n")
+        result.best = best
+        result.met = search.meets(best)
+        result.model = models[best.pipeline]
+        payload = result.model.SerializeToString(deterministic=True)
+        result.reproduced = hashlib.sha256(payload).hexdigest() == best.sha256
+        if not result.reproduced:
+            result.messages.append("compiling the winner again gave different bytes than its trial did")
+        base = search.baseline
+        if result.met and base is not None and base.ok and objective == "latency":
+            float_ms = result.final_timing.get("<float>", base.latency_ms)
+            best_ms = result.final_timing.get(best.pipeline, best.latency_ms)
+            if float_ms < best_ms:
+                result.messages.append(f"the float model ({float_ms:.3g} ms) is faster than every configuration "
+                                       f"that meets the budget (best {best_ms:.3g} ms)")
+    finally:
+        if log_file:
+            log_file.close()
+    return result
+
+
+# --- the command line (the `opc tune` command in cli.py calls this) -----------------------
+def _fmt_objective(r: TrialResult | None) -> str:
+    if r is None or not r.ok:
+        return "-"
+    return f"{r.latency_ms:.4g} ms, {r.size_bytes / 1024:.1f} KiB"
+
+
+def run_cli(model_path: Path, output: Path, calibration_data: Path, eval_data: Path, *, labels: Path | None,
+            metric: str, max_drop: float, trials: int, objective: str, log: Path | None, seed: int,
+            workers: int, repeats: int, latency_batch: int, quiet: bool, echo=print) -> int:
+    """``opc tune``: search, write the winner (or the closest miss), print; return the exit code."""
+    from opc.errors import EXIT_INTERRUPTED
+    from opc.ir import load_model, save_model
+    from opc.trials import make_runner
+
+    if objective not in OBJECTIVES:
+        raise UsageError(f"--objective {objective!r}: expected latency or size")
+    if not (max_drop >= 0 and math.isfinite(max_drop)):
+        raise UsageError(f"--max-drop {max_drop}: expected a number >= 0")
+    if trials < 1:
+        raise UsageError(f"--trials {trials}: at least 1")
+    if repeats < 1 or latency_batch < 1:
+        raise UsageError("--repeats and --latency-batch must be >= 1")
+    if output.exists() and output.is_dir():
+        raise UsageError(f"-o {output}: is a folder")
+    if log is not None and not log.absolute().parent.is_dir():
+        raise UsageError(f"--log {log}: the folder {log.absolute().parent} does not exist")
+    resolve_metric(metric)
+    source = load_model(model_path)
+    if workers <= 0:
+        workers = max(1, (os.cpu_count() or 1) // 2)
+    runner = make_runner(workers)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True, quiet=quiet, highlight=False)
+    progress = Progress(SpinnerColumn(), TextColumn("[bold]tune[/] {task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[best]}"),
+                        console=console, transient=True)
+    task_id = progress.add_task(f"budget drop <= {max_drop:g} ({metric})", total=trials, best="")
+
+    def on_result(r: TrialResult, search: _Search) -> None:
+        if r.phase != "baseline":
+            progress.advance(task_id)
+        best = search.best()
+        mark = "ok  " if search.meets(r) else ("base" if r.phase == "baseline" else "miss" if r.ok else "ERR ")
+        what = f"drop {r.drop:+.4f}  {_fmt_objective(r)}" if r.ok else (r.error or "")
+        progress.console.print(f"  #{r.index:<3} {r.phase:<11} {mark} {what}  {r.pipeline}", markup=False,
+                               soft_wrap=True)
+        if best is not None:
+            state = "best" if search.meets(best) else "closest"
+            progress.update(task_id, best=f"{state}: drop {best.drop:.4f}, {_fmt_objective(best)}")
+
+    with progress:
+        result = tune(source, calibration_data, eval_data, labels=labels, metric=metric, max_drop=max_drop,
+                      trials=trials, objective=objective, seed=seed, runner=runner, log=log, on_result=on_result,
+                      repeats=repeats, latency_batch=latency_batch)
+    if result.best is None or result.model is None:
+        errors = [r.error for r in result.results if r.error]
+        raise OpcError("tune: no configuration could be evaluated" + (f" (first error: {errors[0]})" if errors else ""))
+    save_model(result.model, output)
+    best, base = result.best, result.baseline
+    if not quiet:
+        timing = result.final_timing
+        float_ms = timing.get("<float>", base.latency_ms if base else None)
+        best_ms = timing.get(best.pipeline, best.latency_ms)
+        echo(f"{'':<10} {'float':>14} {'tuned':>14}")
+        echo(f"{'metric':<10} {base.metric:>14.4f} {best.metric:>14.4f}   ({metric}; drop {best.drop:.4f}, "
+             f"budget {max_drop:g})")
+        if float_ms and best_ms:
+            echo(f"{'latency':<10} {float_ms:>11.4g} ms {best_ms:>11.4g} ms   (x{float_ms / best_ms:.2f}, median, "
+                 f"batch {latency_batch}{', re-timed serially' if timing else ''})")
+        echo(f"{'size':<10} {base.size_bytes / 1024:>10.1f} KiB {best.size_bytes / 1024:>10.1f} KiB   "
+             f"(x{base.size_bytes / best.size_bytes:.2f})")
+        echo(f"trials: {sum(1 for r in result.results if r.phase != 'baseline')}, "
+             f"pareto front: {len(result.pareto)}" + (f", log: {log}" if log else ""))
+        for m in result.messages:
+            echo(f"note: {m}")
+        echo(f"pipeline: {best.pipeline}")
+    if result.interrupted:
+        echo(f"INTERRUPTED: wrote the best so far to {output} ({best.pipeline})")
+        return EXIT_INTERRUPTED
+    if not result.met:
+        echo(f"FAILED: no configuration met --max-drop {max_drop:g} ({metric}); wrote the closest "
+             f"(drop {best.drop:.4f}) to {output} ({best.pipeline})")
+        return BudgetNotMet.exit_code
+    echo(f"PASSED: wrote {output} ({best.pipeline})")
+    return 0

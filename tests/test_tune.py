@@ -1,0 +1,299 @@
+"""opc tune: metrics, the Pareto front, the search strategy (on a synthetic evaluator with
+known per-layer errors), the trial runners (serial and a local process pool), and the
+real search on the shipped digits CNN: budget met, winner reproduced byte for byte by
+compiling its printed pipeline again, every trial logged, exit 3 when the budget is missed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import opc
+from opc.cli import main
+from opc.pipeline import canonicalize, parse_pipeline
+from opc.trials import ProcessPoolRunner, SerialRunner, Trial, TrialResult
+from opc.tune import (Config, _Search, cosine, fallback_order, mse, pareto_front, resolve_metric, top1, tune)
+
+
+# --- metrics -------------------------------------------------------------------------------
+def test_top1_against_labels_and_against_the_float_model():
+    logits = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    ref = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    assert top1([logits], [ref], np.array([1, 0, 0, 0])) == 0.75
+    assert top1([logits], [ref], None) == 0.75  # agreement with the float model's argmax
+    assert top1([ref], [ref], None) == 1.0
+
+
+def test_cosine_and_mse():
+    ref = [np.array([[1.0, 0.0], [0.0, 2.0]])]
+    assert cosine(ref, ref, None) == pytest.approx(1.0)
+    out = [np.array([[0.0, 1.0], [0.0, 2.0]])]  # first sample orthogonal
+    assert cosine(out, ref, None) == pytest.approx(0.5)
+    # mse relative to the mean square of the reference: ((1+1)/4) / (5/4)
+    assert mse(out, ref, None) == pytest.approx(-0.4)
+    assert mse(ref, ref, None) == 0.0
+
+
+def test_custom_metric_module(tmp_path):
+    f = tmp_path / "mymetric.py"
+    f.write_text("def score(outputs, reference, labels):\n    return float(len(outputs[0]))\n")
+    fn = resolve_metric(f"{f}:score")
+    assert fn([np.zeros((3, 2))], None, None) == 3.0
+    with pytest.raises(opc.OpcError, match="no function"):
+        resolve_metric(f"{f}:nope")
+    with pytest.raises(opc.OpcError, match="expected top1"):
+        resolve_metric("accuracy")
+
+
+def _r(i, drop, lat, size, phase="improve", error=None):
+    return TrialResult(index=i, pipeline=f"p{i}", phase=phase, drop=None if error else drop,
+                       latency_ms=lat, size_bytes=size, error=error)
+
+
+def test_pareto_front_keeps_only_non_dominated_trials():
+    rs = [_r(0, 0.0, 5.0, 100, phase="baseline"), _r(1, 0.00, 4.0, 50), _r(2, 0.01, 3.0, 40),
+          _r(3, 0.02, 3.5, 30), _r(4, 0.03, 1.0, 20), _r(5, 0.01, 1.0, 60, error="boom"), _r(6, 0.0, 4.0, 50)]
+    assert [r.index for r in pareto_front(rs, "latency")] == [1, 2, 4]
+    assert [r.index for r in pareto_front(rs, "size")] == [1, 2, 3, 4]
+
+
+# --- the search strategy on a synthetic evaluator ---------------------------------------------
+def _chain_model(names):
+    nodes, prev = [], "x"
+    for n in names:
+        nodes.append(onnx.helper.make_node("Relu", [prev], [n + "_out"], name=n))
+        prev = n + "_out"
+    graph = onnx.helper.make_graph(nodes, "chain", [onnx.helper.make_tensor_value_info("x", 1, [1])],
+                                   [onnx.helper.make_tensor_value_info(prev, 1, [1])])
+    return onnx.helper.make_model(graph)
+
+
+@dataclass
+class FakeTask:
+    """Quantizing layer n costs ``costs[n]`` of the metric; each quantized layer saves 1 ms
+    and 10 bytes. The sensitivity table reports accumulated SQNR, like the real pass."""
+
+    costs: dict
+
+    def setup(self):
+        return self.evaluate
+
+    def evaluate(self, trial: Trial) -> TrialResult:
+        passes = parse_pipeline(trial.pipeline)
+        q = [p for p in passes if p.name == "quantize"]
+        quantized = [n for n in self.costs if q and n not in q[0].exclude]
+        details, acc = {}, 0.0
+        if trial.phase in ("sensitivity", "calibration"):
+            table = []
+            for n in self.costs:
+                acc += self.costs[n]
+                table.append({"node": n, "op": "Relu", "sqnr_db": -10 * math.log10(acc)})
+            details["sensitivity"] = table
+        return TrialResult(index=trial.index, pipeline=trial.pipeline, phase=trial.phase, note=trial.note,
+                           metric=1.0, drop=round(sum(self.costs[n] for n in quantized), 9),
+                           latency_ms=10.0 - len(quantized), size_bytes=100 - 10 * len(quantized),
+                           details=details, worker=str(os.getpid()))
+
+
+def _search(costs, max_drop, trials, objective="latency", runner=None):
+    runner = runner or SerialRunner()
+    runner.start(FakeTask(costs))
+    s = _Search(runner, _chain_model(list(costs)), max_drop=max_drop, trials=trials, objective=objective, seed=0)
+    try:
+        s.run()
+    finally:
+        runner.close()
+    return s
+
+
+def test_fallback_order_ranks_by_the_noise_each_layer_adds():
+    costs = {"a": 0.003, "b": 0.02, "c": 0.004, "d": 0.01, "e": 0.005}
+    acc, table = 0.0, []
+    for n, c in costs.items():
+        acc += c
+        table.append({"node": n, "op": "Relu", "sqnr_db": -10 * math.log10(acc)})
+    model = _chain_model(list(costs))
+    assert fallback_order(model, table) == ["b", "d", "e", "c", "a"]
+    # without a table: first and last layers, then inwards
+    assert fallback_order(model, None) == []  # Relu layers are not compute layers
+    conv_model = _chain_model(["a", "b", "c"])
+    for node in conv_model.graph.node:
+        node.op_type = "MatMul"
+    assert fallback_order(conv_model, None) == ["a", "c", "b"]
+
+
+def test_uniform_quantization_within_budget_needs_no_fallback():
+    s = _search({"a": 0.001, "b": 0.002, "c": 0.001}, max_drop=0.01, trials=6)
+    phases = [r.phase for r in s.results]
+    assert phases[:2] == ["baseline", "sensitivity"]
+    assert "fallback" not in phases and "calibration" not in phases
+    best = s.best()
+    assert s.meets(best) and best.pipeline == "fold,quantize"  # every layer quantized is fastest here
+    assert s.used <= 6
+
+
+def test_fallback_keeps_the_most_sensitive_layer_in_float():
+    s = _search({"a": 0.001, "b": 0.02, "c": 0.001, "d": 0.005, "e": 0.001}, max_drop=0.01, trials=20)
+    best = s.best()
+    assert s.meets(best)
+    assert best.pipeline == "fold,quantize(exclude=[b])"
+    assert best.drop == pytest.approx(0.008)
+    assert "calibration" in [r.phase for r in s.results]  # tried before falling back
+    assert s.used <= 20 and len({r.pipeline for r in s.results}) == len(s.results)  # no repeats
+
+
+def test_fallback_bisects_to_the_smallest_float_set():
+    # order b, d, e, c, a: k=2 misses (0.012), k=4 meets, k=3 (drop 0.007) is the smallest that meets
+    s = _search({"a": 0.003, "b": 0.02, "c": 0.004, "d": 0.01, "e": 0.005}, max_drop=0.01, trials=20)
+    best = s.best()
+    assert best.pipeline == "fold,quantize(exclude=[b,d,e])"
+    assert best.drop == pytest.approx(0.007)
+    ks = [r.note for r in s.results if r.phase == "fallback"]
+    assert ks == ["1 most sensitive in float", "2 most sensitive in float", "4 most sensitive in float",
+                  "3 most sensitive in float"]
+
+
+def test_trial_budget_is_respected_and_a_miss_reports_the_closest():
+    s = _search({"a": 0.05, "b": 0.05, "c": 0.05}, max_drop=0.01, trials=3)
+    assert s.used == 3 and len([r for r in s.results if r.phase != "baseline"]) == 3
+    best = s.best()
+    assert not s.meets(best)
+    assert best.drop == min(r.drop for r in s.results if r.phase != "baseline")
+
+
+def test_process_pool_search_matches_the_serial_search():
+    costs = {"a": 0.003, "b": 0.02, "c": 0.004, "d": 0.01, "e": 0.005}
+    serial = _search(costs, max_drop=0.01, trials=12)
+    pooled = _search(costs, max_drop=0.01, trials=12, runner=ProcessPoolRunner(2))
+    assert pooled.best().pipeline == serial.best().pipeline == "fold,quantize(exclude=[b,d,e])"
+    # the same decisions in the same order, whichever process finished first
+    assert [(r.index, r.pipeline, r.drop) for r in pooled.results if r.phase != "baseline"] == \
+        [(r.index, r.pipeline, r.drop) for r in serial.results if r.phase != "baseline"]
+    assert str(os.getpid()) not in {r.worker for r in pooled.results}
+
+
+# --- runners ---------------------------------------------------------------------------------
+@dataclass
+class FlakyTask:
+    def setup(self):
+        return self.evaluate
+
+    def evaluate(self, trial):
+        import os
+
+        if "bad" in trial.pipeline:
+            raise ValueError("no such thing")
+        return TrialResult(index=trial.index, pipeline=trial.pipeline, drop=0.0, metric=1.0,
+                           worker=str(os.getpid()))
+
+
+@pytest.mark.parametrize("runner_cls", [SerialRunner, lambda: ProcessPoolRunner(2)])
+def test_runners_turn_a_failing_trial_into_an_error_result(runner_cls):
+    import os
+
+    runner = runner_cls()
+    with runner:
+        runner.start(FlakyTask())
+        results = sorted(runner.run([Trial(0, "ok"), Trial(1, "bad"), Trial(2, "ok2"), Trial(3, "ok3")]),
+                         key=lambda r: r.index)
+    assert [r.index for r in results] == [0, 1, 2, 3]
+    assert results[1].error == "ValueError: no such thing" and not results[1].ok
+    assert all(r.ok for r in results if r.index != 1)
+    pids = {r.worker for r in results if r.ok}
+    if isinstance(runner, ProcessPoolRunner):
+        assert str(os.getpid()) not in pids  # ran in the pool's processes
+    else:
+        assert pids == {str(os.getpid())}
+
+
+# --- the real search on digits ------------------------------------------------------------------
+def test_tune_digits_meets_the_budget_and_reproduces_byte_for_byte(digits_assets, tmp_path):
+    log = tmp_path / "trials.jsonl"
+    res = tune(digits_assets["model"], digits_assets["calib"], digits_assets["eval"], max_drop=0.01, trials=3,
+               objective="size", log=log, repeats=5)
+    assert res.met and res.best is not None and res.reproduced is True
+    assert res.best.drop <= 0.01
+    assert res.best.size_bytes < res.baseline.size_bytes / 2  # int8 weights
+    assert canonicalize(res.pipeline) == res.pipeline
+    assert "quantize" in res.pipeline
+    again, _ = opc.compile(str(digits_assets["model"]), passes=res.pipeline, calibration=str(digits_assets["calib"]))
+    assert again.SerializeToString(deterministic=True) == res.model.SerializeToString(deterministic=True)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    trials = [x for x in lines if "index" in x]
+    assert len(trials) == len(res.results) == 4  # baseline + 3
+    for t in trials:
+        assert t["error"] is None
+        assert {"pipeline", "metric", "drop", "latency_ms", "size_bytes", "time_s"} <= set(t)
+        assert t["latency_ms"] > 0 and t["size_bytes"] > 0
+    meta = {p.key: p.value for p in res.model.metadata_props}
+    assert meta["opc.pipeline"] == res.pipeline
+    assert res.baseline.metric == pytest.approx(0.9917, abs=1e-4)  # the shipped model's held-out top-1
+
+
+def test_cli_tune_with_a_process_pool_and_compile_again(digits_assets, tmp_path):
+    out, log, again = tmp_path / "tuned.onnx", tmp_path / "t.jsonl", tmp_path / "again.onnx"
+    rc = main(["tune", str(digits_assets["model"]), "-o", str(out), "--calibration-data", str(digits_assets["calib"]),
+               "--eval-data", str(digits_assets["eval"]), "--trials", "4", "--log", str(log), "--workers", "2",
+               "--repeats", "5", "-q"])
+    assert rc == 0 and out.is_file()
+    pipeline = {p.key: p.value for p in onnx.load(str(out)).metadata_props}["opc.pipeline"]
+    records = [json.loads(x) for x in log.read_text().splitlines()]
+    assert sum(1 for r in records if r.get("phase") not in ("baseline", "final")) == 4
+    assert any(r.get("pipeline") == pipeline for r in records)
+    rc = main(["compile", str(digits_assets["model"]), "-o", str(again), "--calibration-data",
+               str(digits_assets["calib"]), "--passes", pipeline, "-q"])
+    assert rc == 0 and again.read_bytes() == out.read_bytes()
+
+
+def test_cli_tune_budget_missed_writes_the_closest_and_exits_3(digits_assets, tmp_path, capsys):
+    out = tmp_path / "closest.onnx"
+    rc = main(["tune", str(digits_assets["model"]), "-o", str(out), "--calibration-data", str(digits_assets["calib"]),
+               "--eval-data", str(digits_assets["eval"]), "--metric", "cosine", "--max-drop", "0", "--trials", "2",
+               "--workers", "1", "--repeats", "3"])
+    assert rc == 3 and out.is_file()
+    text = capsys.readouterr().out
+    assert "FAILED: no configuration met --max-drop 0" in text
+    assert "quantize" in {p.key: p.value for p in onnx.load(str(out)).metadata_props}["opc.pipeline"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--objective", "speed"], "--objective"),
+    (["--max-drop", "-1"], "--max-drop"),
+    (["--metric", "nofile.py:f"], "no such file"),
+    (["--trials", "0"], "--trials"),
+])
+def test_cli_tune_usage_errors(digits_assets, tmp_path, capsys, args, message):
+    out = tmp_path / "x.onnx"
+    rc = main(["tune", str(digits_assets["model"]), "-o", str(out), "--calibration-data", str(digits_assets["calib"]),
+               "--eval-data", str(digits_assets["eval"])] + args)
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_eval_data_that_does_not_fit_is_a_one_line_error(digits_assets, tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, input=np.zeros((4, 1, 7, 7), np.float32))
+    with pytest.raises(opc.OpcError, match="axis 2 is 7"):
+        tune(digits_assets["model"], digits_assets["calib"], bad, trials=1)
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros(3, np.int64))
+    with pytest.raises(opc.OpcError, match="3 labels for 360"):
+        tune(digits_assets["model"], digits_assets["calib"], digits_assets["eval"], labels=labels, trials=1)
+
+
+def test_config_pipeline_is_canonical():
+    cfg = Config(exclude=("z", "a"), calibration="percentile", extra=(("bias_correction", True),))
+    text = cfg.pipeline()
+    assert text == "fold,quantize(calibration=percentile,exclude=[a,z],bias_correction=true)"
+    assert canonicalize(text) == text
+    pruned = Config(sparsity=0.25, prune_mode="channels").pipeline()
+    assert pruned == "fold,prune(sparsity=0.25,mode=channels),quantize"
