@@ -6,7 +6,7 @@
 - ``peak_rss()``: peak resident memory of a function run in a fresh subprocess.
 - ``timed()``: median wall time of a callable (compile times).
 - ``zoo_model()``, ``light_models()``: the models to benchmark (zoo exports are cached
-  under benchmarks/results/.cache so repeated runs do not re-export).
+  in $OPC_CACHE/zoo, default ~/.cache/opc/zoo, so repeated runs do not re-export).
 - ``top1()``: accuracy of a model on an input/label set (digits, ImageNet samples).
 - ``markdown_table()``, ``report()``: print the Markdown table and write
   benchmarks/results/NAME.json (rows + machine + settings + date).
@@ -35,7 +35,7 @@ import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
-CACHE = RESULTS / ".cache"
+CACHE = Path(os.environ.get("OPC_CACHE") or Path.home() / ".cache" / "opc") / "zoo"  # outside the repo
 DEFAULT_THREADS = 1
 DEFAULT_REPEATS = 20
 
@@ -175,6 +175,8 @@ def ort_latency(model_or_path, feeds: dict[str, np.ndarray] | None = None, *, th
                 dims, _ = input_spec(v)
                 if dims and not isinstance(dims[0], int):
                     shapes[v.name] = tuple([batch] + [d if isinstance(d, int) else 1 for d in dims[1:]])
+                elif dims and dims[0] != batch:
+                    raise ValueError(f"ort_latency(batch={batch}): input '{v.name}' has a fixed batch of {dims[0]}")
         feeds = seeded_feeds(model, shapes, seed=0)
     sess = session or make_session(model, threads=threads, optimize=optimize)
     names = {i.name for i in sess.get_inputs()}
@@ -268,14 +270,26 @@ def light_models(names: Iterable[str] | None = None) -> list[Path]:
     return paths
 
 
-def zoo_model(name: str, *, batch: int = 1, dynamic_batch: bool = False, opset: int | None = None) -> Path:
-    """Export zoo model ``name`` once into benchmarks/results/.cache and return the path."""
+def zoo_model(name: str, *, batch: int = 1, dynamic_batch: bool = True, opset: int | None = None) -> Path:
+    """Export zoo model ``name`` once into the cache (``CACHE``) and return the path.
+
+    The default is a symbolic batch axis, so one file serves batch 1 and batch 32.
+    """
     from opc.models import export
 
     import torch
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    stem = f"{name}-o{opset or 'd'}-b{batch}{'-dyn' if dynamic_batch else ''}-t{torch.__version__.split('+')[0]}"
+    import hashlib
+
+    import opc.models as zoo
+
+    # the key covers the model's source, so an edited model is exported afresh
+    src = Path(zoo.__file__).parent
+    digest = hashlib.sha1(b"".join((src / f).read_bytes() for f in
+                                   ("__init__.py", f"{zoo.describe(name).module}.py"))).hexdigest()[:10]
+    stem = (f"{name}-o{opset or 'd'}-b{batch}{'-dyn' if dynamic_batch else ''}"
+            f"-t{torch.__version__.split('+')[0]}-{digest}")
     path = CACHE / f"{stem}.onnx"
     if not path.exists():
         export(name, path, opset=opset, batch=batch, dynamic_batch=dynamic_batch)

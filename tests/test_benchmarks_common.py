@@ -93,3 +93,16 @@ def test_light_models_and_args():
     assert [p.name for p in paths] == ["light_resnet50.onnx", "light_squeezenet.onnx"]
     args = common.bench_args("x", default_models=["digits-cnn"], argv=["--quick", "--threads", "2"])
     assert args.quick and args.repeats == 3 and args.threads == 2 and args.models == ["digits-cnn"]
+
+
+def test_ort_latency_refuses_a_batch_the_model_cannot_take(tmp_path):
+    from opc.ir import save_model
+
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4] x) => (float[1, 4] y) { y = Relu(x) }
+    """)
+    path = save_model(model, tmp_path / "m.onnx")
+    assert common.ort_latency(path, batch=1, repeats=2, warmup=0)["repeats"] == 2
+    with pytest.raises(ValueError, match="fixed batch of 1"):
+        common.ort_latency(path, batch=32, repeats=2)
