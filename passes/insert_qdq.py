@@ -51,7 +51,7 @@ from opc.pass_api import Pass, PassContext, PassResult, option
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 OWN_RANGE = ("Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Softmax")
-SHARED_RANGE = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize")
+SHARED_RANGE = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Pad")
 ACTIVATIONS = ("Relu", "Clip")
 META_KEY = "opc.quantize.sensitivity"
 
@@ -227,6 +227,30 @@ class Quantize(Pass):
         def ready(t):
             return t.name in tensors or t.name in quantizable
 
+        wanted: dict[str, bool] = {}
+
+        def feeds_quantized(t, depth=0) -> bool:
+            """Does some chain of quantizable ops lead from ``t`` to a Conv/Gemm/MatMul?
+
+            Add/Mul/Concat/Relu... are quantized only then: a residual Add that feeds a
+            float LayerNorm gains no integer kernel and loses accuracy (transformers).
+            """
+            if t.name in wanted:
+                return wanted[t.name]
+            wanted[t.name] = False  # cycles and depth guard
+            found = False
+            for c in t.outputs:
+                if self._excluded(c) or depth > 200:
+                    continue
+                if c.op in WEIGHTED:
+                    found = True
+                elif c.op in OWN_RANGE + SHARED_RANGE + ACTIVATIONS and c.outputs:
+                    found = feeds_quantized(c.outputs[0], depth + 1)
+                if found:
+                    break
+            wanted[t.name] = found
+            return found
+
         for node in _topo(graph):
             if self._excluded(node):
                 if node.op in WEIGHTED:
@@ -276,6 +300,8 @@ class Quantize(Pass):
                     continue
                 if not any(ready(t) for t in ins) or node.outputs[0].name in outputs:
                     continue
+                if not feeds_quantized(node.outputs[0]):
+                    continue
                 for t in ins:
                     add_own(t)
                 add_own(node.outputs[0])
@@ -293,6 +319,8 @@ class Quantize(Pass):
                 src = node.inputs[0] if node.inputs else None
                 out = node.outputs[0] if node.outputs else None
                 if src is None or out is None or not ready(src) or out.name in outputs or from_dq(src):
+                    continue
+                if src.name not in tensors and not feeds_quantized(out):
                     continue
                 if op == "Clip" and any(const_array(t) is None for t in node.inputs[1:] if t.name):
                     continue
@@ -417,10 +445,20 @@ class Quantize(Pass):
             if wi is not None:
                 w = const_array(node.inputs[wi]).astype(np.float32)
                 w_scale = cal.weight_params(w, axis)
+                has_bias = bias_index is not None and x_scale is not None
+                if has_bias:
+                    b = const_array(node.inputs[bias_index]).astype(np.float32)
+                    # near-zero weight channels with a real bias would overflow int32: widen
+                    # those channels' scales so that the bias fits (with a 2x margin)
+                    need = np.abs(b) / (np.float64(x_scale) * 2.0**30)
+                    need = need if axis is not None else need.max(initial=0.0)
+                    if np.any(need > w_scale):
+                        stats["weight_scales_widened"] = stats.get("weight_scales_widened", 0) + int(
+                            np.count_nonzero(need > w_scale))
+                        w_scale = np.maximum(w_scale, need).astype(np.float32)
                 qw = cal.quantize_weight(w, w_scale, axis)
                 node.inputs[wi] = builder.weight_dq(node.inputs[wi].name, qw, w_scale, axis)
-                if bias_index is not None and x_scale is not None:
-                    b = const_array(node.inputs[bias_index]).astype(np.float32)
+                if has_bias:
                     if self.bias_correction:
                         b = b - self._bias_shift(node, w, qw, w_scale, axis, tstats.get(x_name))
                     b_scale = (np.float32(x_scale) * w_scale).astype(np.float32)

@@ -185,7 +185,9 @@ def test_exclude_by_name_and_op_type():
     assert st["coverage"] == pytest.approx(2 / 3, abs=1e-4)
     gemm = node_by_output(q, "y")
     assert list(gemm.input[1:]) == ["w3", "b3"]  # float weights, untouched
-    assert node_by_output(q, gemm.input[0]).op_type == "DequantizeLinear"  # shared with Flatten's input
+    # nothing quantized follows the Add any more, so it and the pooling stay float
+    assert node_by_output(q, gemm.input[0]).op_type == "Flatten"
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("s", "g1", "f") for n in q.graph.node)
     m.graph.node[3].name = "second_conv"
     q, report = quantize(m, "quantize(exclude=[second_conv])")
     assert report.passes[0].stats["quantized_conv"] == 1

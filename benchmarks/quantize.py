@@ -1,0 +1,305 @@
+"""opc's quantize pass vs onnxruntime.quantization.quantize_static (QDQ) and onnxsim 0.8.1.
+
+    python -m benchmarks.quantize [--models digits-cnn resnet18 ...] [--threads 1]
+           [--samples 64] [--skip-memory] [--memory-only] [--quick]
+
+Table 1 (per model and quantizer, same calibration samples, same run):
+- accuracy: top-1 vs labels (digits, efficientnet-lite0), top-1 agreement with fp32,
+  cosine of outputs vs fp32 (sentence embeddings for minilm-l6), output SQNR vs fp32;
+- ONNX Runtime CPU latency at batch 1 and 32 (median, ``--threads`` intra-op threads)
+  and speed-up over fp32;
+- integer ops after ORT's graph optimizations (QLinearConv, QGemm, MatMulIntegerToFloat,
+  ...; from SessionOptions.optimized_model_filepath), float Conv/Gemm/MatMul left, and
+  coverage = integer Conv/Gemm/MatMul / Conv/Gemm/MatMul in the float model;
+- quantization wall time.
+Table 2: calibration peak RSS (a fresh subprocess per run) at 500 and 8000 samples for
+every method of opc and ORT on digits-cnn; the samples are generated batch by batch
+from the digits calibration set (tiled, with noise) so that the data itself takes no
+memory.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from benchmarks import common
+
+DEFAULT_MODELS = ["digits-cnn", "resnet18", "mobilenetv2", "efficientnet-lite0", "minilm-l6"]
+WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+INTEGER = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger",
+           "DynamicQuantizeMatMul", "MatMulNBits", "QAttention"}
+FLOAT_WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul",
+                  "NchwcConv", "ConvTransposeWithDynamicPads"}
+CAL_BATCH = 16
+
+
+# --- quantizers ---------------------------------------------------------------------------
+
+def opc_quantize(model, batches, options: str):
+    import opc
+    from opc.data import CalibrationData
+
+    arrays = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    data = CalibrationData(Path("<bench>"), arrays)
+    q, report = opc.compile(model, f"quantize(batch={CAL_BATCH}{',' + options if options else ''})",
+                            calibration=data)
+    return q, report.passes[-1].stats
+
+
+class _Reader:
+    def __init__(self, batches):
+        self.it = iter(batches)
+
+    def get_next(self):
+        return next(self.it, None)
+
+    def rewind(self):  # pragma: no cover - not used by quantize_static
+        pass
+
+
+def ort_quantize(model, batches, activation="uint8", method="MinMax"):
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save(model, str(src))
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8 if activation == "uint8" else QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method))
+        return onnx.load(str(dst))
+
+
+def ort_dynamic(model):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save(model, str(src))
+        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8)
+        return onnx.load(str(dst))
+
+
+def onnxsim_quantize(model, batches):
+    import onnxsim
+
+    return onnxsim.quantize_static(model, calibration_data=list(batches), method="minmax")
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+def optimized_ops(model, threads) -> Counter:
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "opt.onnx")
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = path
+        so.log_severity_level = 3
+        so.intra_op_num_threads = threads
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+def outputs(model, feeds, threads):
+    from opc.ort import make_session
+
+    sess = make_session(model, threads=threads)
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+
+
+def sqnr_db(ref, act) -> float:
+    from opc.calibrate import LayerError
+
+    e = LayerError()
+    e.update(ref, act)
+    return e.sqnr_db
+
+
+def cosine_rows(a, b) -> float:
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    return float(cos.mean())
+
+
+def batch_feeds(feeds: dict, batch: int) -> dict:
+    return {k: np.ascontiguousarray(np.concatenate([v] * (-(-batch // len(v))))[:batch]) for k, v in feeds.items()}
+
+
+def measure(name, label, fp32, q, ev, ref, threads, repeats, stats=None, quant_s=None, base=None):
+    row = {"model": name, "quantizer": label}
+    out = outputs(q, ev.inputs, threads)
+    if ev.labels is not None and ev.metric == "top1":
+        row["top1"] = float((out.argmax(1) == ev.labels).mean())
+    if ev.metric == "top1":
+        row["agree_fp32"] = float((out.argmax(1) == ref.argmax(1)).mean())
+    row["cosine_fp32"] = round(cosine_rows(ref, out), 5)
+    row["sqnr_db"] = sqnr_db(ref, out)
+    ops = optimized_ops(q, threads)
+    eligible = sum(1 for n in fp32.graph.node if n.op_type in WEIGHTED)
+    integer = sum(v for k, v in ops.items() if k in INTEGER)
+    row["int_ops"] = integer
+    row["float_mm"] = sum(v for k, v in ops.items() if k in FLOAT_WEIGHTED)
+    row["coverage"] = round(min(integer, eligible) / eligible, 3) if eligible else 0.0
+    for b in (1, 32):
+        feeds = batch_feeds(ev.inputs, b)
+        lat = common.ort_latency(q, feeds, threads=threads, repeats=repeats if b == 1 else max(3, repeats // 4))
+        row[f"b{b}_ms"] = round(lat["median_ms"], 3)
+        if base is not None and base.get(f"b{b}_ms"):
+            row[f"b{b}_speedup"] = round(base[f"b{b}_ms"] / lat["median_ms"], 2)
+    if quant_s is not None:
+        row["quant_s"] = round(quant_s, 2)
+    if stats:
+        row["opc_coverage"] = stats.get("coverage")
+    return row
+
+
+def model_rows(name, args) -> list[dict]:
+    from opc.models import eval_set, sample_data
+
+    path = common.zoo_model(name, dynamic_batch=True)
+    fp32 = onnx.load(str(path))
+    ev = eval_set(name)
+    n = args.samples
+    data = sample_data(name, n, "calib")
+    batches = [{k: v[i:i + CAL_BATCH] for k, v in data.items()} for i in range(0, n, CAL_BATCH)]
+    ref = outputs(fp32, ev.inputs, args.threads)
+    base = measure(name, "fp32", fp32, fp32, ev, ref, args.threads, args.repeats)
+    rows = [base]
+    variants = [("opc uint8", lambda: opc_quantize(fp32, batches, "activation_type=uint8")),
+                ("opc int8", lambda: opc_quantize(fp32, batches, "activation_type=int8"))]
+    if name in ("minilm-l6", "bert-tiny"):
+        variants.append(("opc uint8 smoothquant", lambda: opc_quantize(fp32, batches, "smoothquant=true")))
+    variants += [("ort uint8", lambda: (ort_quantize(fp32, batches, "uint8"), None)),
+                 ("ort int8", lambda: (ort_quantize(fp32, batches, "int8"), None))]
+    if name in ("minilm-l6", "bert-tiny"):
+        variants.append(("ort dynamic", lambda: (ort_dynamic(fp32), None)))
+    variants.append(("onnxsim 0.8.1", lambda: (onnxsim_quantize(fp32, batches), None)))
+    for label, fn in variants:
+        t0 = time.perf_counter()
+        try:
+            q, stats = fn()
+        except Exception as exc:  # a quantizer that fails is a result, not a crash
+            rows.append({"model": name, "quantizer": label, "error": f"{type(exc).__name__}: {str(exc)[:80]}"})
+            continue
+        took = time.perf_counter() - t0
+        try:
+            rows.append(measure(name, label, fp32, q, ev, ref, args.threads, args.repeats, stats, took, base))
+        except Exception as exc:
+            rows.append({"model": name, "quantizer": label, "error": f"{type(exc).__name__}: {str(exc)[:80]}"})
+        print(rows[-1], flush=True)
+    return rows
+
+
+# --- calibration memory ---------------------------------------------------------------------
+
+def _digits_batches(samples: int, batch: int = 20):
+    """``samples`` digits-like inputs generated batch by batch (no data held in memory)."""
+    base = np.load(common.digits_assets()["calib"])["input"]
+    rng = np.random.default_rng(0)
+    for start in range(0, samples, batch):
+        n = min(batch, samples - start)
+        idx = rng.integers(0, len(base), n)
+        yield {"input": (base[idx] + rng.normal(0, 0.05, base[idx].shape)).astype(np.float32)}
+
+
+class _StreamData:
+    """A CalibrationData stand-in whose batches are generated, not stored."""
+
+    def __init__(self, samples):
+        self.num_samples = samples
+        self.source = "<generated>"
+        self.synthetic = False
+
+    def batches(self, batch_size=None, limit=None):
+        return _digits_batches(min(limit or self.num_samples, self.num_samples), batch_size or 20)
+
+
+def calibrate_opc(samples: int, method: str) -> int:
+    import opc
+    from opc.ir import import_graph
+    from opc.pass_api import PassContext
+    from opc.passes.insert_qdq import Quantize
+
+    model = onnx.load(str(common.digits_assets()["model"]))
+    ctx = PassContext(calibration=_StreamData(samples), template=model)
+    p = Quantize(calibration=method, batch=20, sensitivity_samples=0)
+    result = p.run(import_graph(model), ctx)
+    del opc
+    return int(result.stats["quantized_nodes"])
+
+
+def calibrate_ort(samples: int, method: str) -> int:
+    model = onnx.load(str(common.digits_assets()["model"]))
+    q = ort_quantize(model, _digits_batches(samples), "uint8", method)
+    return sum(1 for n in q.graph.node if n.op_type == "QuantizeLinear")
+
+
+def memory_rows(sample_counts=(500, 8000)) -> list[dict]:
+    rows = []
+    for tool, fn, methods in (("opc", calibrate_opc, ["minmax", "percentile", "entropy", "mse"]),
+                              ("ort", calibrate_ort, ["MinMax", "Percentile", "Entropy", "Distribution"])):
+        for method in methods:
+            row = {"tool": tool, "method": method}
+            for s in sample_counts:
+                try:
+                    r = common.peak_rss(fn, s, method, timeout=900)
+                    row[f"peak_mb_{s}"] = round(r["peak_rss_mb"], 1)
+                    row[f"delta_mb_{s}"] = round(r["delta_rss_mb"], 1)
+                    row[f"wall_s_{s}"] = round(r["wall_s"], 2)
+                except Exception as exc:
+                    row[f"peak_mb_{s}"] = None
+                    row["error"] = str(exc)[:80]
+            lo, hi = row.get(f"peak_mb_{sample_counts[0]}"), row.get(f"peak_mb_{sample_counts[-1]}")
+            row["peak_ratio"] = round(hi / lo, 2) if lo and hi else None
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def main(argv=None):
+    def extra(p):
+        p.add_argument("--samples", type=int, default=64, help="calibration samples per model")
+        p.add_argument("--skip-memory", action="store_true")
+        p.add_argument("--memory-only", action="store_true")
+
+    args = common.bench_args(__doc__.splitlines()[0], DEFAULT_MODELS, argv, extra)
+    if args.quick:
+        args.models = args.models if args.models != DEFAULT_MODELS else ["digits-cnn", "resnet18"]
+    settings = {"threads": args.threads, "repeats_b1": args.repeats, "calibration_samples": args.samples,
+                "calibration_batch": CAL_BATCH, "weights": "int8 per-channel symmetric",
+                "ort": "quantize_static QDQ per_channel MinMax", "onnxsim": "0.8.1 quantize_static minmax"}
+    if not args.memory_only:
+        rows = []
+        for name in args.models:
+            rows += model_rows(name, args)
+        cols = ["model", "quantizer", "top1", "agree_fp32", "cosine_fp32", "sqnr_db", "b1_ms", "b1_speedup",
+                "b32_ms", "b32_speedup", "int_ops", "float_mm", "coverage", "quant_s", "error"]
+        common.report("quantize", rows, columns=cols, title="quantize: opc vs ORT quantize_static vs onnxsim",
+                      settings=settings, threads=args.threads, write_json=not args.no_json,
+                      notes=["coverage = integer Conv/Gemm/MatMul kernels after ORT optimization / "
+                             "Conv/Gemm/MatMul in the fp32 model",
+                             "resnet18/mobilenetv2 have seeded weights: compare agreement with fp32, not top-1"])
+    if not args.skip_memory:
+        rows = memory_rows((500, 1000) if args.quick else (500, 8000))
+        common.report("quantize_memory", rows, title="quantize: calibration peak RSS vs samples (digits-cnn)",
+                      settings={"batch": 20, "subprocess": "spawn, VmHWM"}, threads=args.threads,
+                      write_json=not args.no_json)
+
+
+if __name__ == "__main__":
+    main()
