@@ -1,0 +1,227 @@
+"""No-op removal and merging of consecutive layout/type ops.
+
+- ``identity_removed``: Identity.
+- ``dropout_removed``: Dropout in inference (no training input, mask unused).
+- ``noops_removed``: Cast to the same type, Reshape/Flatten/Expand/Tile/Pad/Slice that
+  change nothing, Transpose with the identity permutation, one-input Concat, Add/Sub of
+  zero and Mul/Div by one that neither broadcast nor change the type.
+- ``reshapes_merged``: Reshape(Reshape|Flatten|Squeeze|Unsqueeze(x), s) -> Reshape(x, s)
+  when s has no 0 entry (a Reshape only reads its input's element order).
+- ``transposes_merged``: Transpose(Transpose(x, p), q) -> Transpose(x, p[q]).
+- ``casts_merged``: Cast(Cast(x, A), B) -> Cast(x, B) when A holds every value of x exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from opc.passes._fold.core import State, const, is_default_domain, producer, replace_tensor
+
+T = onnx.TensorProto
+# lossless conversions: a value of the key type survives a round trip through any listed type
+_WIDER = {
+    T.BOOL: {T.INT8, T.INT16, T.INT32, T.INT64, T.UINT8, T.UINT16, T.UINT32, T.UINT64, T.FLOAT16, T.FLOAT, T.DOUBLE},
+    T.INT8: {T.INT16, T.INT32, T.INT64, T.FLOAT16, T.FLOAT, T.DOUBLE},
+    T.UINT8: {T.INT16, T.INT32, T.INT64, T.UINT16, T.UINT32, T.UINT64, T.FLOAT16, T.FLOAT, T.DOUBLE},
+    T.INT16: {T.INT32, T.INT64, T.FLOAT, T.DOUBLE},
+    T.UINT16: {T.INT32, T.INT64, T.UINT32, T.UINT64, T.FLOAT, T.DOUBLE},
+    T.INT32: {T.INT64, T.DOUBLE},
+    T.UINT32: {T.INT64, T.UINT64, T.DOUBLE},
+    T.FLOAT16: {T.FLOAT, T.DOUBLE},
+    T.BFLOAT16: {T.FLOAT, T.DOUBLE},
+    T.FLOAT: {T.DOUBLE},
+}
+
+
+def _bypass(state: State, node: gs.Node, src: gs.Tensor, stat: str) -> bool:
+    """Replace the node's first output by ``src`` and drop the node."""
+    dst = node.outputs[0]
+    if not replace_tensor(state, dst, src):
+        return False
+    node.inputs.clear()
+    node.outputs.clear()
+    state.stats[stat] += 1
+    return True
+
+
+def _only_first_output_used(node: gs.Node) -> bool:
+    return all(not o.outputs for o in node.outputs[1:])
+
+
+def noops(state: State, graph: gs.Graph) -> None:
+    for node in list(graph.nodes):
+        if not node.outputs or not node.inputs or not is_default_domain(node):
+            continue
+        if node.op == "Identity":
+            _bypass(state, node, node.inputs[0], "identity_removed")
+        elif node.op == "Dropout":
+            training = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+            off = training is None or (const(training) is not None and not bool(const(training)))
+            if off and _only_first_output_used(node) and not any(id(o) in state.pinned for o in node.outputs[1:]):
+                _bypass(state, node, node.inputs[0], "dropout_removed")
+        elif len(node.outputs) == 1 and _is_noop(state, node):
+            _bypass(state, node, node.inputs[0], "noops_removed")
+
+
+def _same_shape(state: State, node: gs.Node) -> bool:
+    a = state.static_shape(node.inputs[0])
+    b = state.static_shape(node.outputs[0])
+    return a is not None and a == b
+
+
+def _is_noop(state: State, node: gs.Node) -> bool:
+    op, x = node.op, node.inputs[0]
+    xtype, otype = state.elem_type(x), state.elem_type(node.outputs[0])
+    if op == "Cast":
+        return bool(xtype) and node.attrs.get("to") == xtype
+    if op == "CastLike" and len(node.inputs) == 2:
+        return bool(xtype) and xtype == state.elem_type(node.inputs[1])
+    if op == "Transpose":
+        rank = len(state.shape(x)) if state.shape(x) is not None else None
+        perm = node.attrs.get("perm")
+        if perm is None:
+            return rank is not None and rank <= 1
+        return list(perm) == list(range(len(perm)))
+    if op == "Concat":
+        return len(node.inputs) == 1
+    if op == "Reshape" and len(node.inputs) == 2:
+        return _reshape_noop(state, node)
+    if op in ("Flatten", "Squeeze", "Unsqueeze"):
+        return _same_shape(state, node)
+    if op == "Expand" and len(node.inputs) == 2:
+        return _expand_noop(state, node)
+    if op == "Tile" and len(node.inputs) == 2:
+        reps = const(node.inputs[1])
+        return reps is not None and bool(np.all(reps == 1))
+    if op == "Pad":
+        pads = const(node.inputs[1]) if len(node.inputs) > 1 else np.array(node.attrs.get("pads", [1]))
+        return pads is not None and pads.size > 0 and bool(np.all(pads == 0))
+    if op == "Slice":
+        return _same_shape(state, node) and _slice_steps_one(node)
+    if op in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
+        return _neutral(state, node, xtype, otype)
+    return False
+
+
+def _reshape_noop(state: State, node: gs.Node) -> bool:
+    if _same_shape(state, node):
+        return True
+    target, dims = const(node.inputs[1]), state.shape(node.inputs[0])
+    if target is None or dims is None or target.ndim != 1 or len(target) != len(dims):
+        return False
+    if node.attrs.get("allowzero", 0):
+        return False
+    unknown = 0
+    for t, d in zip(target.tolist(), dims):
+        if t == 0 or (isinstance(d, int) and t == d):
+            continue
+        if t == -1:
+            unknown += 1
+            continue
+        return False
+    return unknown <= 1
+
+
+def _expand_noop(state: State, node: gs.Node) -> bool:
+    target, dims = const(node.inputs[1]), state.shape(node.inputs[0])
+    if target is None or dims is None or len(target) > len(dims):
+        return False
+    for t, d in zip(target.tolist()[::-1], list(dims)[::-1]):
+        if t != 1 and not (isinstance(d, int) and t == d):
+            return False
+    return True
+
+
+def _slice_steps_one(node: gs.Node) -> bool:
+    if len(node.inputs) > 4 and node.inputs[4].name:
+        steps = const(node.inputs[4])
+        return steps is not None and bool(np.all(steps == 1))
+    return True
+
+
+def _neutral(state: State, node: gs.Node, xtype: int, otype: int) -> bool:
+    a, b = node.inputs
+    # x op c with c neutral; for Add/Mul also c op x (Sub/Div are not symmetric)
+    for x, c in ((a, b), (b, a)) if node.op in ("Add", "Mul") else ((a, b),):
+        value = const(c)
+        if value is None or value.size == 0:
+            continue
+        neutral = 0 if node.op in ("Add", "Sub") else 1
+        if not np.all(value == neutral):
+            continue
+        dims = state.shape(x)
+        if dims is None or not xtype or state.elem_type(c) != xtype or value.ndim > len(dims):
+            continue
+        # the constant must not broadcast x to a bigger shape
+        if all(cd == 1 or (isinstance(xd, int) and cd == xd) for cd, xd in zip(value.shape[::-1], dims[::-1])):
+            if x is not a:
+                node.inputs[0], node.inputs[1] = b, a  # the bypass forwards input 0
+            return True
+    return False
+
+
+def merges(state: State, graph: gs.Graph) -> None:
+    for node in list(graph.nodes):
+        if not node.inputs or not node.outputs or not is_default_domain(node):
+            continue
+        first = producer(node.inputs[0])
+        if first is None or not is_default_domain(first) or len(first.outputs) != 1:
+            continue
+        if node.op == "Reshape" and first.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+            target = const(node.inputs[1]) if len(node.inputs) > 1 else None
+            if target is None or (np.any(target == 0) and not node.attrs.get("allowzero", 0)):
+                continue
+            node.inputs[0] = first.inputs[0]
+            state.stats["reshapes_merged"] += 1
+        elif node.op == "Transpose" and first.op == "Transpose":
+            p, q = first.attrs.get("perm"), node.attrs.get("perm")
+            if p is None or q is None:
+                continue
+            node.attrs["perm"] = [int(p[i]) for i in q]
+            node.inputs[0] = first.inputs[0]
+            state.stats["transposes_merged"] += 1
+        elif node.op == "Cast" and first.op == "Cast":
+            src = state.elem_type(first.inputs[0])
+            mid = first.attrs.get("to")
+            if not src or mid not in _WIDER.get(src, ()) or first.attrs.get("saturate", 1) != 1:
+                continue
+            node.inputs[0] = first.inputs[0]
+            state.stats["casts_merged"] += 1
+
+
+def _axes(node: gs.Node):
+    if "axes" in node.attrs:
+        return [int(a) for a in node.attrs["axes"]]
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        value = const(node.inputs[1])
+        return None if value is None else [int(a) for a in value.reshape(-1)]
+    return None
+
+
+def unsqueezes_merged(state: State, graph: gs.Graph) -> None:
+    """Unsqueeze(Unsqueeze(x, a), b) -> Unsqueeze(x, a') (stat ``unsqueezes_merged``)."""
+    for node in list(graph.nodes):
+        if node.op != "Unsqueeze" or not is_default_domain(node) or not node.inputs:
+            continue
+        first = producer(node.inputs[0])
+        if first is None or first.op != "Unsqueeze" or not is_default_domain(first) or len(first.outputs) != 1:
+            continue
+        a1, a2, dims = _axes(first), _axes(node), state.shape(first.inputs[0])
+        if a1 is None or a2 is None or dims is None:
+            continue
+        r1 = len(dims) + len(a1)
+        rank = r1 + len(a2)
+        a1 = sorted(a % r1 for a in a1)
+        a2 = sorted(a % rank for a in a2)
+        kept = [i for i in range(rank) if i not in a2]
+        combined = sorted(set(a2) | {kept[j] for j in a1})
+        if len(combined) != len(a1) + len(a2):
+            continue
+        node.inputs[0] = first.inputs[0]
+        if "axes" in node.attrs:
+            node.attrs["axes"] = combined
+        else:
+            node.inputs[1] = gs.Constant(state.fresh(node.inputs[1].name), np.array(combined, dtype=np.int64))
+        state.stats["unsqueezes_merged"] += 1
