@@ -263,10 +263,10 @@ def reconstruct_layers(p: Prune, graph, ctx, original, all_layers, changed, mask
     todo = refit_layers(p, graph, all_layers, changed)
     if not todo:
         return []
-    target_tap = calib.Tap(original, [layer.output.name for layer in todo], ctx.ort_session)
     report = []
     for level in levels(graph, todo):
         current = ctx.to_model(graph)
+        target_tap = calib.Tap(original, [layer.output.name for layer in level], ctx.ort_session)
         input_tap = calib.Tap(current, [layer.input.name for layer in level], ctx.ort_session)
         accs = []
         for layer in level:

@@ -21,6 +21,23 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     del out.graph.output[:]
     # an output without a type: ORT infers it (its optimizer keeps fetched tensors intact)
     out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted)
+    # only the nodes the fetched tensors depend on run: earlier layers are computed once
+    # per level instead of the whole model
+    needed = set(wanted)
+    keep = []
+    for node in reversed(out.graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+            for attr in node.attribute:  # outer names used inside subgraphs
+                for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    needed.update(i for n in g.node for i in n.input)
+    if len(keep) < len(out.graph.node):
+        del out.graph.node[:]
+        out.graph.node.extend(reversed(keep))
+        inits = [t for t in out.graph.initializer if t.name in needed]
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(inits)
     return out
 
 

@@ -41,6 +41,22 @@ def can_fit_bias(layer: Layer) -> bool:
     return not (layer.op == "Gemm" and _gemm_scales(layer)[1] == 0.0)
 
 
+def _spd_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve a (damped, so positive definite) normal-equation system; Cholesky when possible."""
+    try:
+        from scipy.linalg import cho_factor, cho_solve
+
+        return cho_solve(cho_factor(a, check_finite=False), b, check_finite=False)
+    except ImportError:
+        pass
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+    try:
+        return np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
 class Accumulator:
     """Streaming normal equations for one layer."""
 
@@ -127,10 +143,7 @@ class Accumulator:
                     continue
                 sub = h[np.ix_(keep, keep)]
                 rhs = self.xty[g][np.ix_(keep, rows)]
-                try:
-                    sol = np.linalg.solve(sub, rhs)
-                except np.linalg.LinAlgError:
-                    sol = np.linalg.lstsq(sub, rhs, rcond=None)[0]
+                sol = _spd_solve(sub, rhs)
                 w[g][np.ix_(keep, rows)] = sol
         return w
 
