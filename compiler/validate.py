@@ -111,11 +111,12 @@ def parse_model_bytes(data: bytes, source: str) -> onnx.ModelProto:
 
 
 def check_structure_limits(model: onnx.ModelProto, source: str) -> None:
-    """Nesting depth and tensor sanity: everything that must hold before anything recurses
-    into the graph or allocates memory for a tensor."""
+    """Nesting depth, text fields and tensor sanity: everything that must hold before
+    anything recurses into the graph or allocates memory for a tensor."""
     depth = nesting_depth(model)
     if depth > MAX_NESTING:
         raise ModelError(_depth_message(source, depth))
+    check_text_fields(model, source)
     for tensor, where in iter_tensors(model):
         check_tensor(tensor, where, source)
 
@@ -221,6 +222,44 @@ def wire_nesting_depth(data: bytes) -> int:
         except ValueError:
             continue
     return deepest
+
+
+def _repeated(fd) -> bool:
+    # protobuf >= 5 has is_repeated; older versions only label
+    return fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+
+
+def check_text_fields(model: onnx.ModelProto, source: str) -> None:
+    """Every string field must be valid UTF-8: protobuf's proto2 parser does not check,
+    and hands such a field back as ``bytes`` (or raises UnicodeDecodeError), which breaks
+    code deep inside onnx and the passes. Iterative; tensors' data fields are not touched
+    (no copies of large weights)."""
+    from google.protobuf.descriptor import FieldDescriptor as FD
+
+    def bad(msg) -> None:
+        raise ModelError(f"{source}: {msg.DESCRIPTOR.name} holds a name or text field that is not valid UTF-8")
+
+    stack: list = [model]
+    while stack:
+        msg = stack.pop()
+        try:
+            if isinstance(msg, onnx.TensorProto):
+                texts = [msg.name, msg.doc_string] + [x for e in msg.external_data for x in (e.key, e.value)]
+                if any(not isinstance(t, str) for t in texts):
+                    bad(msg)
+                continue
+            for fd, value in msg.ListFields():
+                if fd.type == FD.TYPE_MESSAGE:
+                    if _repeated(fd):
+                        stack.extend(value)
+                    else:
+                        stack.append(value)
+                elif fd.type == FD.TYPE_STRING:
+                    values = list(value) if _repeated(fd) else [value]
+                    if any(not isinstance(v, str) for v in values):
+                        bad(msg)
+        except UnicodeDecodeError:
+            bad(msg)
 
 
 def _node_label(node: onnx.NodeProto) -> str:
@@ -447,7 +486,18 @@ def _subgraph_free_names(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def _check_graph_inputs(model: onnx.ModelProto, source: str) -> None:
+    # the main graph's inputs are what users feed: a tensor input needs a real element type
+    for value in model.graph.input:
+        if value.type.WhichOneof("value") == "tensor_type":
+            elem = value.type.tensor_type.elem_type
+            name = tensor_dtype_name(elem)
+            if name is None:
+                raise ModelError(f"{source}: graph input '{value.name}' has no valid element type ({elem})")
+
+
 def _check_graphs(model: onnx.ModelProto, source: str, opset: int, local_functions: set) -> None:
+    _check_graph_inputs(model, source)
     # (graph, names visible from enclosing graphs, label)
     stack = [(model.graph, frozenset(), "")]
     while stack:
