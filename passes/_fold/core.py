@@ -161,7 +161,7 @@ class Lazy:
 
 
 def generated(t: gs.Tensor) -> Lazy | None:
-    """A ConstantOfShape / Expand-of-constant output as a Lazy value, else None."""
+    """A ConstantOfShape / Expand-of-constant / Tile-of-a-scalar output as a Lazy value, else None."""
     node = producer(t)
     if node is None or not is_default_domain(node) or len(node.outputs) != 1:
         return None
@@ -181,6 +181,11 @@ def generated(t: gs.Tensor) -> Lazy | None:
         except ValueError:
             return None
         return Lazy(data, tuple(full))
+    if node.op == "Tile" and len(node.inputs) == 2:
+        data, repeats = const(node.inputs[0]), const(node.inputs[1])
+        if data is None or repeats is None or data.size != 1 or repeats.size != data.ndim or repeats.min() < 0:
+            return None
+        return Lazy(data, tuple(int(d) * int(r) for d, r in zip(data.shape, repeats)))
     return None
 
 
@@ -194,9 +199,7 @@ def lazy_of(t: gs.Tensor) -> Lazy | None:
 def emit_lazy(state: State, graph: gs.Graph, lazy: Lazy, hint: str) -> gs.Tensor | None:
     """A tensor holding ``lazy``: an initializer when small, else one generator node."""
     nbytes = lazy.full_bytes
-    if lazy.concrete or nbytes <= state.generator_limit:
-        if nbytes > state.size_limit and not lazy.concrete:
-            return None
+    if lazy.concrete or nbytes <= min(state.generator_limit, state.size_limit):
         return new_constant(state, hint, lazy.value())
     rank = len(lazy.shape)
     small = lazy.small.reshape((1,) * (rank - lazy.small.ndim) + lazy.small.shape)
