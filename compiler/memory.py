@@ -54,6 +54,7 @@ Storage
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -321,8 +322,9 @@ def graph_fingerprint(model: onnx.ModelProto) -> str:
     for n in g.node:
         put("node", n.domain, n.op_type, tuple(n.input), tuple(n.output))
         for a in sorted(n.attribute, key=lambda a: a.name):
-            a = copy.copy(a)
-            a.ClearField("doc_string")
+            if a.doc_string:
+                a = copy.copy(a)
+                a.ClearField("doc_string")
             h.update(a.SerializeToString(deterministic=True))
     return h.hexdigest()[:20]
 
@@ -330,6 +332,7 @@ def graph_fingerprint(model: onnx.ModelProto) -> str:
 # ---------------------------------------------------------------------------------------
 # Shapes
 # ---------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
 def _dtype_info(elem_type: int) -> tuple[str, float] | None:
     """(numpy-style name, bytes per element) or None for types that cannot be planned."""
     if elem_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
@@ -343,10 +346,40 @@ def _dtype_info(elem_type: int) -> tuple[str, float] | None:
         return None
 
 
-def _fix_inputs(model: onnx.ModelProto, input_shapes: dict | None) -> tuple[onnx.ModelProto, dict, list[str]]:
-    """A copy of the model whose graph inputs have concrete dims; the dims used; notes."""
-    model = copy.deepcopy(model)
+# initializers up to this many elements keep their values for shape inference (shapes,
+# axes, ...); bigger ones (weights) are replaced by typed inputs so nothing large is copied
+_SMALL_INIT = 4096
+
+
+def _copy_without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    src = model.graph
+    g = onnx.GraphProto()
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    listed = {v.name for v in src.input}
+    for t in src.initializer:
+        numel = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+        if numel <= _SMALL_INIT:
+            g.initializer.append(t)
+        elif t.name not in listed:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    out = onnx.ModelProto()
+    out.ir_version = max(model.ir_version, 4)
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    out.graph.CopyFrom(g)
+    return out
+
+
+def _fix_inputs(model: onnx.ModelProto, input_shapes: dict | None,
+                with_weights: bool = True) -> tuple[onnx.ModelProto, dict, list[str]]:
+    """A copy of the model whose graph inputs have concrete dims; the dims used; notes.
+    Without weights, large initializers become typed graph inputs (enough for shapes)."""
     inits = {t.name for t in model.graph.initializer}
+    model = copy.deepcopy(model) if with_weights else _copy_without_weights(model)
     given = dict(input_shapes or {})
     used: dict[str, tuple] = {}
     notes: list[str] = []
@@ -380,20 +413,13 @@ def _fix_inputs(model: onnx.ModelProto, input_shapes: dict | None) -> tuple[onnx
     return model, used, notes
 
 
-def infer_concrete_shapes(model: onnx.ModelProto, input_shapes: dict | None = None
-                          ) -> tuple[dict[str, tuple[tuple, int]], dict, list[str], onnx.ModelProto]:
-    """name -> (shape, elem_type) for every tensor of the main graph.
-
-    onnx shape inference with data propagation on a copy whose inputs have concrete dims;
-    if that leaves a node output without a concrete shape, ONNX Runtime runs the model on
-    seeded inputs with those tensors as extra outputs and their real shapes are taken.
-    """
-    fixed, used, notes = _fix_inputs(model, input_shapes)
+def _infer(model: onnx.ModelProto, notes: list[str]) -> tuple[dict, dict]:
+    """(name -> (shape, elem_type) for concrete shapes, name -> elem_type) by onnx inference."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(fixed, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception as exc:  # inference errors are not fatal: ORT may still know
-        notes.append(f"onnx shape inference failed ({type(exc).__name__}); shapes from ONNX Runtime")
-        inferred = fixed
+        notes.append(f"onnx shape inference failed ({type(exc).__name__})")
+        inferred = model
     info: dict[str, tuple[tuple, int]] = {}
     g = inferred.graph
     for t in g.initializer:
@@ -405,12 +431,84 @@ def infer_concrete_shapes(model: onnx.ModelProto, input_shapes: dict | None = No
         if all(d.HasField("dim_value") for d in tt.shape.dim):
             info[v.name] = (tuple(d.dim_value for d in tt.shape.dim), tt.elem_type)
     elem_types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.output)}
+    return info, elem_types
+
+
+def _fold_small_constants(model: onnx.ModelProto, info: dict) -> bool:
+    """Evaluate, with onnx's reference implementation, the nodes whose inputs are small known
+    values (small initializers, Constant nodes, Shape of a tensor of known shape), and make
+    their small results initializers of ``model`` (a weight-free copy), so that shape
+    inference sees computed pads, slice ends and reshape targets. True if anything folded."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    g = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    values = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    folded: dict[str, np.ndarray] = {}
+    for n in g.node:
+        if n.domain not in ("", "ai.onnx") or _has_subgraph(n) or n.op_type in NONDETERMINISTIC_OPS:
+            continue
+        outs = [o for o in n.output if o]
+        if not outs or any(o in values for o in outs):
+            continue
+        try:
+            if n.op_type == "Shape" and n.input[0] in info:
+                shape = np.array(info[n.input[0]][0], dtype=np.int64)
+                attrs = {a.name: a.i for a in n.attribute}
+                start, end = attrs.get("start", 0), attrs.get("end", len(shape))
+                results = [shape[start:end] if "end" in attrs else shape[start:]]
+            elif all((not i) or i in values for i in n.input):
+                if any(values[i].size > _SMALL_INIT for i in n.input if i):
+                    continue
+                ev = ReferenceEvaluator(n, opsets={"": opset} if opset else None)
+                results = ev.run(None, {i: values[i] for i in n.input if i})
+            else:
+                continue
+        except Exception:  # an op the reference cannot run: leave it to inference
+            continue
+        for o, r in zip(n.output, results):
+            r = np.asarray(r)
+            if o and r.size <= _SMALL_INIT and r.dtype != object:
+                values[o] = r
+                folded[o] = r
+    if not folded:
+        return False
+    keep = [n for n in g.node if not all((not o) or o in folded for o in n.output)]
+    del g.node[:]
+    g.node.extend(keep)
+    # outputs of kept nodes that were folded stay computed by their node; only drop duplicates
+    produced = {o for n in keep for o in n.output}
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in folded.items() if k not in produced)
+    return True
+
+
+def infer_concrete_shapes(model: onnx.ModelProto, input_shapes: dict | None = None
+                          ) -> tuple[dict[str, tuple[tuple, int]], dict, list[str]]:
+    """name -> (shape, elem_type) for every tensor of the main graph; the input shapes used; notes.
+
+    onnx shape inference with data propagation on a weight-free copy whose inputs have
+    concrete dims; where that leaves node outputs unknown, small constant subgraphs (shape
+    arithmetic) are evaluated and inference runs again; if shapes are still unknown,
+    ONNX Runtime runs the model on seeded inputs with those tensors as extra outputs and
+    their real shapes are taken.
+    """
+    fixed, used, notes = _fix_inputs(model, input_shapes, with_weights=False)
+    info, elem_types = _infer(fixed, notes)
     _dropout_masks(model, info)
-    missing = [o for n in model.graph.node for o in n.output if o and o not in info]
+    outputs = [o for n in model.graph.node for o in n.output if o]
+    for _ in range(3):
+        if all(o in info for o in outputs) or not _fold_small_constants(fixed, info):
+            break
+        more, elem_types = _infer(fixed, [])
+        info.update(more)
+        _dropout_masks(model, info)
+    missing = [o for o in outputs if o not in info]
     if missing:
         notes.append(f"{len(missing)} shapes taken from an ONNX Runtime run")
-        info.update(_shapes_from_ort(fixed, missing, used, elem_types))
-    return info, used, notes, inferred
+        full, _, _ = _fix_inputs(model, input_shapes)
+        info.update(_shapes_from_ort(full, missing, used, elem_types))
+    return info, used, notes
 
 
 def _dropout_masks(model: onnx.ModelProto, info: dict) -> None:
@@ -486,6 +584,29 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
+@dataclass(frozen=True)
+class _Node:
+    """The fields of a NodeProto that planning reads, extracted once (protobuf access is slow)."""
+
+    op_type: str
+    domain: str
+    name: str
+    input: tuple
+    output: tuple
+    sub: bool  # has subgraphs
+    sub_reads: tuple  # outer names its subgraphs read
+    proto: Any
+
+
+def node_table(model: onnx.ModelProto) -> list[_Node]:
+    out = []
+    for n in model.graph.node:
+        sub = _has_subgraph(n)
+        out.append(_Node(n.op_type, n.domain, n.name, tuple(n.input), tuple(n.output), sub,
+                         tuple(sorted(_subgraph_reads(n))) if sub else (), n))
+    return out
+
+
 @dataclass
 class _Buffer:
     root: str | None  # tensor name, or None for a workspace
@@ -531,26 +652,28 @@ def no_workspace(node, input_shapes, input_dtypes) -> int:
     return 0
 
 
-def topological_order(model: onnx.ModelProto) -> list[int]:
+def topological_order(model: onnx.ModelProto, nodes: list[_Node] | None = None) -> list[int]:
     """The node order of the file, checked to be topological."""
     g = model.graph
+    nodes = nodes if nodes is not None else node_table(model)
     known = {v.name for v in g.input} | {t.name for t in g.initializer} | {""}
-    for i, n in enumerate(g.node):
-        for x in list(n.input) + sorted(_subgraph_reads(n) if _has_subgraph(n) else ()):
+    for i, n in enumerate(nodes):
+        for x in n.input + n.sub_reads:
             if x not in known:
                 raise ModelError(f"node {i} ({n.op_type} '{n.name}') reads '{x}' before it is written; "
                                  "the graph is not topologically sorted")
         known.update(n.output)
-    return list(range(len(g.node)))
+    return list(range(len(nodes)))
 
 
 def liveness(model: onnx.ModelProto, shapes: dict[str, tuple[tuple, int]], order: list[int] | None = None,
-             workspace_fn: Callable | None = None, alignment: int = ALIGNMENT) -> Liveness:
+             workspace_fn: Callable | None = None, alignment: int = ALIGNMENT,
+             nodes: list[_Node] | None = None) -> Liveness:
     """Lifetimes, alias groups (views and in-place) and workspaces over ``order``."""
     g = model.graph
-    nodes = g.node
+    nodes = nodes if nodes is not None else node_table(model)
     if order is None:
-        order = topological_order(model)
+        order = topological_order(model, nodes)
     inits = {t.name for t in g.initializer}
     graph_inputs = {v.name for v in g.input}
     graph_outputs = {v.name for v in g.output}
@@ -560,7 +683,7 @@ def liveness(model: onnx.ModelProto, shapes: dict[str, tuple[tuple, int]], order
     constants: set[str] = set(inits)
     for idx in order:
         n = nodes[idx]
-        if n.op_type in NONDETERMINISTIC_OPS or _has_subgraph(n) or n.domain not in ("", "ai.onnx"):
+        if n.op_type in NONDETERMINISTIC_OPS or n.sub or n.domain not in ("", "ai.onnx"):
             continue
         if all((not i) or i in constants for i in n.input):
             constants.update(o for o in n.output if o)
@@ -584,9 +707,7 @@ def liveness(model: onnx.ModelProto, shapes: dict[str, tuple[tuple, int]], order
     reads_of: dict[int, list[str]] = {}
     for idx in order:
         n = nodes[idx]
-        reads = [i for i in n.input if i]
-        if _has_subgraph(n):
-            reads += sorted(_subgraph_reads(n))
+        reads = [i for i in n.input if i] + list(n.sub_reads)
         reads_of[idx] = reads
         s = step_of[idx]
         for i in reads:
@@ -639,14 +760,14 @@ def liveness(model: onnx.ModelProto, shapes: dict[str, tuple[tuple, int]], order
     workspaces: dict[int, Slot] = {}
     if workspace_fn is None:
         workspace_fn = _default_workspace_fn() or no_workspace
-    for idx in order:
+    for idx in order if workspace_fn is not no_workspace else ():
         n = nodes[idx]
         in_shapes = [tuple(shapes[i][0]) if i in shapes else None for i in n.input]
         in_types = []
         for i in n.input:
             dt = _dtype_info(shapes[i][1]) if i in shapes else None
             in_types.append(dt[0] if dt else None)
-        ws = int(workspace_fn(n, in_shapes, in_types) or 0)
+        ws = int(workspace_fn(n.proto, in_shapes, in_types) or 0)
         if ws > 0:
             s = step_of[idx]
             workspaces[idx] = Slot(0, ws, (ws,), "uint8", None, s, s, "workspace")
@@ -664,15 +785,14 @@ def liveness(model: onnx.ModelProto, shapes: dict[str, tuple[tuple, int]], order
     return Liveness(list(order), tensors, workspaces, buffers, const_outputs, live, alignment)
 
 
-def memory_aware_order(model: onnx.ModelProto, lv: Liveness, workspace_fn: Callable | None = None) -> list[int]:
+def memory_aware_order(model: onnx.ModelProto, lv: Liveness, nodes: list[_Node] | None = None) -> list[int]:
     """A topological order that greedily runs, among the ready nodes, the one whose step
     adds the fewest live bytes (new outputs + workspace - inputs it frees); constant nodes
     run as soon as they are ready. Ties keep the file's order. Used only if it lowers the
     peak (``plan_model(reorder=True)``)."""
     import heapq
 
-    g = model.graph
-    nodes = g.node
+    nodes = nodes if nodes is not None else node_table(model)
     n_nodes = len(nodes)
     sizes = {name: align(s.size, lv.alignment) for name, s in lv.tensors.items()}
     dtypes = {name: s.dtype for name, s in lv.tensors.items()}
@@ -681,10 +801,7 @@ def memory_aware_order(model: onnx.ModelProto, lv: Liveness, workspace_fn: Calla
     reads = []
     producer: dict[str, int] = {}
     for i, n in enumerate(nodes):
-        r = [x for x in n.input if x]
-        if _has_subgraph(n):
-            r += sorted(_subgraph_reads(n))
-        reads.append(r)
+        reads.append([x for x in n.input if x] + list(n.sub_reads))
         for o in n.output:
             if o:
                 producer[o] = i
@@ -922,12 +1039,13 @@ def plan_model(model: onnx.ModelProto, input_shapes: dict[str, tuple] | None = N
     t0 = time.perf_counter()
     if alignment <= 0 or alignment & (alignment - 1):
         raise PlanError(f"alignment {alignment} is not a power of two")
-    shapes, used, notes, _ = infer_concrete_shapes(model, input_shapes)
+    shapes, used, notes = infer_concrete_shapes(model, input_shapes)
     if workspace_fn is None:
         workspace_fn = _default_workspace_fn() or no_workspace
-    lv = liveness(model, shapes, order, workspace_fn, alignment)
+    nodes = node_table(model)
+    lv = liveness(model, shapes, order, workspace_fn, alignment, nodes)
     if reorder and order is None:
-        better = liveness(model, shapes, memory_aware_order(model, lv), workspace_fn, alignment)
+        better = liveness(model, shapes, memory_aware_order(model, lv, nodes), workspace_fn, alignment, nodes)
         if better.lower_bound < lv.lower_bound:
             notes.append(f"nodes reordered: peak of live bytes {lv.lower_bound} -> {better.lower_bound}")
             lv = better

@@ -394,3 +394,46 @@ def test_random_graphs_give_valid_plans():
             plan.check()
             assert plan.lower_bound <= plan.arena_size <= plan.naive_total
             assert sorted(plan.order) == list(range(len(model.graph.node)))
+
+
+def test_shape_arithmetic_is_folded_without_onnx_runtime():
+    # pads computed from the input's shape through Cast/Div/Ceil, which onnx's data
+    # propagation does not follow: the planner evaluates that small constant subgraph
+    model = parse(HEADER + """
+pad (float[N,3,8,8] x) => (float[N,3,11,11] out)
+    <int64[1] two = {2}, float three = {3.0}, int64[6] z6 = {0, 0, 0, 0, 0, 0}, int64[1] ax = {0}> {
+  s = Shape(x)
+  h = Gather<axis = 0>(s, two)
+  hf = Cast<to = 1>(h)
+  q = Div(hf, three)
+  c = Ceil(q)
+  ci = Cast<to = 7>(c)
+  pads = Concat<axis = 0>(z6, ci, ci)
+  y = Pad(x, pads)
+  r = Relu(y)
+  out = Softmax(r)
+}
+""")
+    plan = plan_model(model, {"x": (2, 3, 8, 8)}, workspace_fn=no_workspace)
+    assert not any("ONNX Runtime" in n for n in plan.notes)
+    assert plan.tensors["y"].shape == (2, 3, 11, 11) and plan.tensors["r"].alias_of == "y"
+    # the shape arithmetic depends on the input, so it stays in the arena as ordinary tensors
+    assert (plan.tensors["s"].shape, plan.tensors["pads"].shape, plan.tensors["pads"].dtype) == ((4,), (8,), "int64")
+    plan.check()
+
+
+def test_planned_shapes_match_onnx_runtime(light_models):
+    from opc.memory import _fix_inputs
+    from opc.ort import make_session, seeded_feeds
+
+    path = next(p for p in light_models if "inception_v2" in p.name)
+    model = onnx.load(str(path))
+    plan = plan_model(model, workspace_fn=no_workspace)
+    full, _, _ = _fix_inputs(model, plan.input_shapes)
+    names = list(plan.tensors)
+    del full.graph.output[:]
+    for n in names:
+        full.graph.output.add().name = n
+    outs = make_session(full, threads=1, optimize=False).run(names, seeded_feeds(full, plan.input_shapes))
+    for name, arr in zip(names, outs):
+        assert (tuple(arr.shape), arr.nbytes) == (plan.tensors[name].shape, plan.tensors[name].size), name
