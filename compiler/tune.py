@@ -271,6 +271,9 @@ class Config:
     extra: tuple[tuple[str, Any], ...] = ()  # further quantize options, e.g. (("bias_correction", True),)
     sparsity: float = 0.0  # 0: no prune pass
     prune_mode: str | None = None
+    # the quantize pass's per-layer SQNR table costs more than the quantization itself; only
+    # the sensitivity and calibration phases read it, every other trial turns it off
+    table: bool = True
 
     def pipeline(self) -> str:
         from opc.pipeline import format_pipeline
@@ -283,6 +286,8 @@ class Config:
             options = {"exclude": tuple(sorted(self.exclude)), "calibration": self.calibration,
                        "weight_only": self.weight_only or None}
             options.update(dict(self.extra))
+            if not self.table and pass_default("quantize", "sensitivity_samples") is not None:
+                options["sensitivity_samples"] = 0
             passes.append(_make_pass("quantize", options))
         return format_pipeline(passes)
 
@@ -483,7 +488,7 @@ class _Search:
                 self.log_file.flush()
             if self.on_result is not None:
                 self.on_result(result, self)
-        fresh.sort(key=lambda r: r.index)
+        self.results.sort(key=lambda r: r.index)  # trial order, whichever worker finished first
         return sorted(known + fresh, key=lambda r: r.index)
 
     def batch(self) -> int:
@@ -542,7 +547,8 @@ class _Search:
 
         def try_ks(values):
             nonlocal lo, hi
-            items = [(replace(base, exclude=tuple(order[:v])), "fallback", f"{v} most sensitive in float")
+            items = [(replace(base, exclude=tuple(order[:v]), table=False), "fallback",
+                      f"{v} most sensitive in float")
                      for v in values]
             for v, r in zip(values, self.evaluate(items)):
                 if self.meets(r):
@@ -561,6 +567,7 @@ class _Search:
             try_ks(values)
 
     def moves(self, cfg: Config, order: list[str]) -> list[tuple[Config, str]]:
+        cfg = replace(cfg, table=False)
         rank = {name: i for i, name in enumerate(order)}
         groups: list[list[tuple[Config, str]]] = []
         # re-quantize a layer that fell back (least sensitive first)

@@ -144,7 +144,7 @@ def test_fallback_keeps_the_most_sensitive_layer_in_float():
     s = _search({"a": 0.001, "b": 0.02, "c": 0.001, "d": 0.005, "e": 0.001}, max_drop=0.01, trials=20)
     best = s.best()
     assert s.meets(best)
-    assert best.pipeline == "fold,quantize(exclude=[b])"
+    assert best.pipeline == "fold,quantize(exclude=[b],sensitivity_samples=0)"
     assert best.drop == pytest.approx(0.008)
     assert "calibration" in [r.phase for r in s.results]  # tried before falling back
     assert s.used <= 20 and len({r.pipeline for r in s.results}) == len(s.results)  # no repeats
@@ -154,7 +154,7 @@ def test_fallback_bisects_to_the_smallest_float_set():
     # order b, d, e, c, a: k=2 misses (0.012), k=4 meets, k=3 (drop 0.007) is the smallest that meets
     s = _search({"a": 0.003, "b": 0.02, "c": 0.004, "d": 0.01, "e": 0.005}, max_drop=0.01, trials=20)
     best = s.best()
-    assert best.pipeline == "fold,quantize(exclude=[b,d,e])"
+    assert best.pipeline == "fold,quantize(exclude=[b,d,e],sensitivity_samples=0)"
     assert best.drop == pytest.approx(0.007)
     ks = [r.note for r in s.results if r.phase == "fallback"]
     assert ks == ["1 most sensitive in float", "2 most sensitive in float", "4 most sensitive in float",
@@ -173,7 +173,7 @@ def test_process_pool_search_matches_the_serial_search():
     costs = {"a": 0.003, "b": 0.02, "c": 0.004, "d": 0.01, "e": 0.005}
     serial = _search(costs, max_drop=0.01, trials=12)
     pooled = _search(costs, max_drop=0.01, trials=12, runner=ProcessPoolRunner(2))
-    assert pooled.best().pipeline == serial.best().pipeline == "fold,quantize(exclude=[b,d,e])"
+    assert pooled.best().pipeline == serial.best().pipeline == "fold,quantize(exclude=[b,d,e],sensitivity_samples=0)"
     # the same decisions in the same order, whichever process finished first
     assert [(r.index, r.pipeline, r.drop) for r in pooled.results if r.phase != "baseline"] == \
         [(r.index, r.pipeline, r.drop) for r in serial.results if r.phase != "baseline"]

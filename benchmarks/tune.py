@@ -1,0 +1,173 @@
+"""opc tune against the best uniform configuration, and the Pareto front of all trials.
+
+    python -m benchmarks.tune [--models digits-cnn mobilenetv2 ...] [--trials 20] [--max-drop 0.01]
+                              [--objective latency|size] [--quick]
+
+For every model: ``opc.tune`` with the budget, then every uniform configuration
+(quantize with each calibration method, with bias correction, weight-only and SmoothQuant
+for MatMul models, channel pruning + quantize) evaluated on the same data by the same
+evaluator. The best uniform configuration that meets the budget, the tuned winner and the
+float model are then timed again in this process, interleaved, so the latency ratios come
+from one run. Metrics: top-1 against labels (digits, efficientnet-lite0), top-1 agreement
+with the float model (mobilenetv2: seeded weights, labels meaningless), cosine similarity
+of the sentence embeddings (minilm-l6).
+
+Tables: the summary (benchmarks/results/tune.json) and the Pareto front of each model's
+trials in (drop, objective) (benchmarks/results/tune-pareto.json); the trial logs go to
+benchmarks/results/tune-MODEL.jsonl.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import RESULTS, bench_args, digits_assets, report, zoo_model
+
+DEFAULT_MODELS = ["digits-cnn", "mobilenetv2", "efficientnet-lite0", "minilm-l6"]
+
+
+def model_setup(name: str, calib_samples: int):
+    """(model path, CalibrationData, eval inputs, labels or None, metric)."""
+    import onnx
+
+    from opc.data import CalibrationData
+
+    if name == "digits-cnn":
+        a = digits_assets()
+        model = onnx.load(str(a["model"]))
+        with np.load(a["eval"]) as npz:
+            inputs, labels = {"input": npz["input"]}, npz["labels"]
+        return a["model"], CalibrationData.load(a["calib"], model), inputs, labels, "top1"
+    import opc.models as zoo
+
+    path = zoo_model(name, dynamic_batch=True)
+    model = onnx.load(str(path))
+    calib = CalibrationData(Path(f"<{name} calibration>"), zoo.sample_data(name, calib_samples, "calib"))
+    calib.check_against(model)
+    es = zoo.eval_set(name)
+    if es.metric == "pairs":  # sentence embeddings: stay close to the float embeddings
+        return path, calib, es.inputs, None, "cosine"
+    if name == "efficientnet-lite0":
+        return path, calib, es.inputs, es.labels, "top1"
+    return path, calib, es.inputs, None, "top1"  # seeded weights: agreement with the float model
+
+
+def uniform_configs(has_matmul: bool, quick: bool) -> list[str]:
+    configs = ["fold,quantize", "fold,quantize(calibration=percentile)", "fold,quantize(calibration=entropy)",
+               "fold,quantize(calibration=mse)", "fold,quantize(bias_correction=true)"]
+    if has_matmul:
+        configs += ["fold,quantize(weight_only=true)", "fold,quantize(smoothquant=true)"]
+    if not quick:
+        configs += ["fold,prune(sparsity=0.25,mode=channels),quantize", "fold,prune(mode=channels),quantize"]
+    return configs
+
+
+def run_model(name: str, args) -> tuple[dict, list[dict]]:
+    import onnx
+
+    from opc.trials import Trial, make_runner
+    from opc.tune import _retime, tune
+
+    path, calib, inputs, labels, metric = model_setup(name, args.calib_samples)
+    model = onnx.load(str(path))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log = RESULTS / f"tune-{name}.jsonl"
+    t0 = time.perf_counter()
+    res = tune(model, calib, inputs, labels=labels, metric=metric, max_drop=args.max_drop, trials=args.trials,
+               objective=args.objective, seed=0, runner=make_runner(args.workers), log=log,
+               repeats=args.repeats, threads=args.threads,
+               on_result=lambda r, s: print(f"  [{name}] #{r.index} {r.phase:<11} "
+                                            + (f"drop {r.drop:+.4f} {r.latency_ms:.3f} ms {r.size_bytes}"
+                                               if r.ok else f"ERROR {r.error}") + f"  {r.pipeline}", flush=True))
+    tune_s = time.perf_counter() - t0
+    if res.best is None:
+        return {"model": name, "met": False, "note": "no trial could be evaluated"}, []
+    # every uniform configuration, with the tuner's own evaluator
+    from opc.tune import TuneTask
+
+    task = TuneTask(model_bytes=model.SerializeToString(deterministic=True),
+                    calibration={k: np.asarray(v) for k, v in calib.arrays.items()},
+                    calibration_source=str(calib.source), eval_inputs=inputs, labels=labels, metric=metric,
+                    repeats=args.repeats, threads=args.threads)
+    ev = task.setup()
+    known = {r.pipeline: r for r in res.results}
+    has_matmul = any(n.op_type in ("MatMul", "Gemm") for n in model.graph.node)
+    uniform = []
+    for i, p in enumerate(uniform_configs(has_matmul, args.quick)):
+        r = known.get(p)
+        if r is None:
+            try:
+                r = ev(Trial(1000 + i, p, "uniform"))
+            except Exception as exc:  # noqa: BLE001 - a uniform config that fails is reported, not fatal
+                print(f"  [{name}] uniform {p}: failed: {exc}")
+                continue
+        print(f"  [{name}] uniform drop {r.drop:+.4f} {r.latency_ms:.3f} ms {r.size_bytes}  {p}", flush=True)
+        uniform.append(r)
+    key = (lambda r: r.latency_ms) if args.objective == "latency" else (lambda r: r.size_bytes)
+    feasible = [r for r in uniform if r.drop <= args.max_drop]
+    models = {"float": ev.model, "tuned": res.model}
+    if args.objective == "latency":  # every feasible uniform config is re-timed with the winner
+        for r in feasible:
+            models[r.pipeline] = res.model if r.pipeline == res.best.pipeline else ev.compile(r.pipeline)[0]
+    timed = _retime(ev, models, rounds=7)
+    if args.objective == "latency":
+        best_u = min(feasible, key=lambda r: timed[r.pipeline]) if feasible else None
+    else:
+        best_u = min(feasible, key=key) if feasible else None
+    if best_u is not None:
+        timed["uniform"] = timed.get(best_u.pipeline) or _retime(ev, {"u": ev.compile(best_u.pipeline)[0]}, 3)["u"]
+    best = res.best
+    size = {"float": res.baseline.size_bytes, "tuned": best.size_bytes,
+            "uniform": best_u.size_bytes if best_u else None}
+    row = {
+        "model": name, "metric": metric, "float_metric": round(res.baseline.metric, 4),
+        "trials": sum(1 for r in res.results if r.phase != "baseline"), "met": res.met,
+        "tuned_drop": round(best.drop, 4), "uniform_drop": round(best_u.drop, 4) if best_u else None,
+        "float_ms": timed["float"], "uniform_ms": timed.get("uniform"), "tuned_ms": timed["tuned"],
+        "tuned_vs_uniform": (timed["tuned"] / timed["uniform"]) if "uniform" in timed else None,
+        "float_KiB": size["float"] / 1024, "uniform_KiB": size["uniform"] / 1024 if size["uniform"] else None,
+        "tuned_KiB": size["tuned"] / 1024, "reproduced": res.reproduced, "tune_s": round(tune_s, 1),
+        "uniform_pipeline": best_u.pipeline if best_u else None, "tuned_pipeline": best.pipeline,
+    }
+    front = [{"model": name, "trial": r.index, "phase": r.phase, "drop": round(r.drop, 4),
+              "latency_ms": r.latency_ms, "KiB": r.size_bytes / 1024,
+              "meets": r.drop <= args.max_drop, "pipeline": r.pipeline} for r in res.pareto]
+    return row, front
+
+
+def main(argv=None) -> None:
+    def extra(p):
+        p.add_argument("--trials", type=int, default=20)
+        p.add_argument("--max-drop", type=float, default=0.01)
+        p.add_argument("--objective", choices=["latency", "size"], default="latency")
+        p.add_argument("--workers", type=int, default=1, help="trial processes (1: serial, steadier timings)")
+        p.add_argument("--calib-samples", type=int, default=64, help="calibration samples for zoo models")
+
+    args = bench_args("opc tune vs the best uniform configuration", DEFAULT_MODELS, argv, extra)
+    if args.quick:
+        args.trials = min(args.trials, 6)
+        args.models = args.models if args.models != DEFAULT_MODELS else ["digits-cnn"]
+    rows, fronts = [], []
+    for name in args.models:
+        print(f"# {name}", flush=True)
+        row, front = run_model(name, args)
+        rows.append(row)
+        fronts += front
+    settings = {"trials": args.trials, "max_drop": args.max_drop, "objective": args.objective,
+                "repeats": args.repeats, "threads": args.threads, "workers": args.workers,
+                "latency_batch": 1, "calib_samples": args.calib_samples}
+    notes = ["latency columns: medians of 7 interleaved rounds measured at the end, in one process",
+             "tuned_vs_uniform < 1 means the tuned model is faster than the best uniform configuration "
+             "that meets the same budget"]
+    report("tune", rows, title="opc tune vs the best uniform configuration", settings=settings, notes=notes,
+           threads=args.threads, write_json=not args.no_json)
+    print()
+    report("tune-pareto", fronts, title="Pareto front of all trials (drop vs " + args.objective + ")",
+           settings=settings, threads=args.threads, write_json=not args.no_json)
+
+
+if __name__ == "__main__":
+    main()
