@@ -203,6 +203,8 @@ def emit_lazy(state: State, graph: gs.Graph, lazy: Lazy, hint: str) -> gs.Tensor
         return new_constant(state, hint, lazy.value())
     rank = len(lazy.shape)
     small = lazy.small.reshape((1,) * (rank - lazy.small.ndim) + lazy.small.shape)
+    if small.size > 1 and small.dtype.kind in "biuf" and np.all(small == small.reshape(-1)[0]):
+        small = small.reshape(-1)[:1].reshape((1,) * rank)  # uniform after all: one value
     shape = new_constant(state, hint + "_shape", np.array(lazy.shape, dtype=np.int64))
     out = gs.Variable(state.fresh(hint), dtype=lazy.small.dtype, shape=list(lazy.shape))
     if small.size == 1 and lazy.small.dtype != np.dtype(np.str_):

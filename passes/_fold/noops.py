@@ -99,7 +99,7 @@ def _is_noop(state: State, node: gs.Node) -> bool:
         pads = const(node.inputs[1]) if len(node.inputs) > 1 else np.array(node.attrs.get("pads", [1]))
         return pads is not None and pads.size > 0 and bool(np.all(pads == 0))
     if op == "Slice":
-        return _same_shape(state, node) and _slice_steps_one(node)
+        return _same_shape(state, node) and _slice_steps_one(node) or _slice_noop(state, node)
     if op in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
         return _neutral(state, node, xtype, otype)
     return False
@@ -130,6 +130,27 @@ def _expand_noop(state: State, node: gs.Node) -> bool:
         return False
     for t, d in zip(target.tolist()[::-1], list(dims)[::-1]):
         if t != 1 and not (isinstance(d, int) and t == d):
+            return False
+    return True
+
+
+def _slice_noop(state: State, node: gs.Node) -> bool:
+    """Every sliced axis runs from 0 to its end with step 1 (dynamic dims included)."""
+    if len(node.inputs) < 3 or not _slice_steps_one(node):
+        return False
+    starts, ends = const(node.inputs[1]), const(node.inputs[2])
+    dims = state.shape(node.inputs[0])
+    if starts is None or ends is None or dims is None:
+        return False
+    if len(node.inputs) > 3 and node.inputs[3].name:
+        axes = const(node.inputs[3])
+        if axes is None:
+            return False
+    else:
+        axes = np.arange(len(starts))
+    for a, s, e in zip(axes.reshape(-1), starts.reshape(-1), ends.reshape(-1)):
+        d = dims[int(a) % len(dims)] if len(dims) else None
+        if s != 0 or not (e >= 2**31 - 1 or (isinstance(d, int) and e >= d)):
             return False
     return True
 

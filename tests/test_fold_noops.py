@@ -1,0 +1,224 @@
+"""fold: no-op removal, merges of consecutive ops, graph outputs and subgraph bodies."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from fold_helpers import (assert_idempotent, assert_same_outputs, fold, initializer, io_signature, nonzero,
+                          op_counts, ops, parse)
+
+
+def test_identity_and_dropout_removed():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x) => (float[N, 4] y) {
+      a = Identity(x)
+      b = Relu(a)
+      c = Dropout(b)
+      y = Identity(c)
+    }
+    """)
+    out, result = fold(model)
+    assert ops(out) == ["Relu"]
+    assert out.graph.node[0].output[0] == "y"  # the graph output keeps its name
+    assert nonzero(result.stats) == {"identity_removed": 2, "dropout_removed": 1}
+    assert io_signature(out) == io_signature(model)
+    assert_same_outputs(model, out)
+    assert_idempotent(out)
+
+
+def test_identity_from_input_to_output_stays():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x) => (float[N, 4] y) {
+      y = Identity(x)
+    }
+    """)
+    out, result = fold(model)
+    assert ops(out) == ["Identity"]
+    assert result.modified is False
+
+
+def test_dropout_in_training_mode_stays():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x, bool t) => (float[N, 4] y) {
+      r = Constant <value = float {0.5}> ()
+      y = Dropout(x, r, t)
+    }
+    """)
+    out, result = fold(model)
+    assert ops(out) == ["Dropout"]
+    assert result.stats["dropout_removed"] == 0
+
+
+NOOPS = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 3, 4] x) => (float[N, 3, 4] y) {
+  c = Cast <to = 1> (x)
+  t = Transpose <perm = [0, 1, 2]> (c)
+  shape = Constant <value = int64[3] {0, 3, -1}> ()
+  r = Reshape(t, shape)
+  pads = Constant <value = int64[6] {0, 0, 0, 0, 0, 0}> ()
+  p = Pad(r, pads)
+  ones = Constant <value = int64[3] {1, 1, 1}> ()
+  tl = Tile(p, ones)
+  es = Constant <value = int64[2] {3, 1}> ()
+  e = Expand(tl, es)
+  st = Constant <value = int64[1] {0}> ()
+  en = Constant <value = int64[1] {9223372036854775807}> ()
+  ax = Constant <value = int64[1] {1}> ()
+  s = Slice(e, st, en, ax)
+  z = Constant <value = float[4] {0.0, 0.0, 0.0, 0.0}> ()
+  a = Add(s, z)
+  one = Constant <value = float {1.0}> ()
+  m = Mul(one, a)
+  k = Concat <axis = 1> (m)
+  y = Relu(k)
+}
+"""
+
+
+def test_every_noop_kind_is_removed():
+    model = parse(NOOPS)
+    out, result = fold(model)
+    assert ops(out) == ["Relu"]
+    assert result.stats["noops_removed"] == 10
+    assert_same_outputs(model, out, sizes=(2, 5))
+    assert_idempotent(out)
+
+
+@pytest.mark.parametrize("line,op", [
+    ("y = Cast <to = 11> (x)", "Cast"),  # a real conversion
+    ("y = Transpose <perm = [0, 2, 1]> (x)", "Transpose"),
+])
+def test_real_changes_stay(line, op):
+    model = parse(f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 3, 4] x) => (float[N, 4, 3] y) {{
+      {line}
+    }}
+    """.replace("float[N, 4, 3] y", "double[N, 3, 4] y" if op == "Cast" else "float[N, 4, 3] y"))
+    out, result = fold(model)
+    assert ops(out) == [op]
+    assert result.modified is False
+
+
+def test_broadcasting_add_of_zero_stays():
+    # x + zeros[3, 4] changes x's shape from [1, 4] to [3, 4]: not a no-op
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 4] x) => (float[3, 4] y) {
+      s = Constant <value = int64[2] {3, 4}> ()
+      z = ConstantOfShape(s)
+      y = Add(x, z)
+    }
+    """)
+    out, result = fold(model)
+    assert ops(out) == ["Add"]
+    assert result.stats["noops_removed"] == 0
+    assert_same_outputs(model, out)
+
+
+def test_consecutive_reshapes_transposes_casts_unsqueezes_merge():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 6] x, int32[N, 6] i) => (float[N, 3, 2] y, float[6, N] z, float[N, 6] w, float[1, N, 1, 6] u) {
+      s1 = Constant <value = int64[3] {-1, 2, 3}> ()
+      s2 = Constant <value = int64[3] {-1, 3, 2}> ()
+      a = Relu(x)
+      r2 = Reshape(a, s1)
+      y = Reshape(r2, s2)
+      t1 = Transpose <perm = [1, 0]> (x)
+      t2 = Transpose <perm = [1, 0]> (t1)
+      z = Transpose <perm = [1, 0]> (t2)
+      c1 = Cast <to = 7> (i)
+      c2 = Cast <to = 1> (c1)
+      w = Identity(c2)
+      a0 = Constant <value = int64[1] {0}> ()
+      a2 = Constant <value = int64[1] {2}> ()
+      u1 = Unsqueeze(x, a0)
+      u = Unsqueeze(u1, a2)
+    }
+    """)
+    out, result = fold(model)
+    counts = op_counts(out)
+    assert counts == {"Reshape": 1, "Relu": 1, "Transpose": 1, "Cast": 1, "Unsqueeze": 1}, counts
+    assert result.stats["reshapes_merged"] == 1
+    assert result.stats["transposes_merged"] >= 1
+    assert result.stats["casts_merged"] == 1
+    assert result.stats["unsqueezes_merged"] == 1
+    assert_same_outputs(model, out, sizes=(2, 3))
+    assert_idempotent(out)
+
+
+def test_lossy_cast_chain_is_kept():
+    # float -> int32 -> float truncates: the two casts are not one
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x) => (double[N, 4] y) {
+      a = Cast <to = 6> (x)
+      y = Cast <to = 11> (a)
+    }
+    """)
+    out, result = fold(model)
+    assert ops(out) == ["Cast", "Cast"]
+    assert result.modified is False
+
+
+IF_MODEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x, bool c) => (float[N, 4] y) {
+  w = Constant <value = float[4] {1.0, 2.0, 3.0, 4.0}> ()
+  y = If(c) <
+    then_branch = t () => (float[N, 4] o1) {
+      two = Constant <value = float {2.0}> ()
+      w2 = Mul(w, two)
+      i1 = Identity(x)
+      o1 = Mul(i1, w2)
+    },
+    else_branch = e () => (float[N, 4] o2) {
+      s = Shape(x)
+      o2 = Reshape(x, s)
+    }
+  >
+}
+"""
+
+
+def test_rules_run_inside_if_bodies():
+    model = parse(IF_MODEL)
+    out, result = fold(model)
+    then_g = [a.g for a in out.graph.node[0].attribute if a.name == "then_branch"][0]
+    else_g = [a.g for a in out.graph.node[0].attribute if a.name == "else_branch"][0]
+    assert [n.op_type for n in then_g.node] == ["Mul"]
+    assert [n.op_type for n in else_g.node] == ["Reshape"] or [n.op_type for n in else_g.node] == []
+    assert result.stats["constants_folded"] == 1 and result.stats["identity_removed"] == 1
+    assert [o.name for o in then_g.output] == ["o1"]
+    for flag in (True, False):
+        from opc.ort import make_session
+
+        feeds = {"x": np.arange(8, dtype=np.float32).reshape(2, 4), "c": np.array(flag)}
+        a = make_session(model).run(None, feeds)[0]
+        b = make_session(out).run(None, feeds)[0]
+        np.testing.assert_array_equal(a, b)
+    assert_idempotent(out)
+
+
+def test_custom_domain_nodes_untouched():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17, "com.example" : 1]>
+    g (float[N, 4] x) => (float[N, 4] y) {
+      a = Constant <value = float[4] {1.0, 2.0, 3.0, 4.0}> ()
+      b = com.example.Twice(a)
+      c = com.example.Twice(a)
+      y = com.example.Join(x, b, c)
+    }
+    """)
+    out, result = fold(model)
+    assert [n.op_type for n in out.graph.node] == ["Twice", "Twice", "Join"]
+    assert [n.domain for n in out.graph.node] == ["com.example"] * 3
+    assert {o.domain: o.version for o in out.opset_import} == {"": 17, "com.example": 1}
+    assert nonzero(result.stats) == {"constant_nodes": 1}
