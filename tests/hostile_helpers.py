@@ -43,7 +43,10 @@ def snapshot(root: Path) -> dict[str, bytes]:
             if p.is_symlink():
                 files[rel] = b"->" + os.readlink(p).encode()
             elif p.is_file():
-                files[rel] = p.read_bytes()
+                st = p.stat()
+                # big (sparse) files: identity and size stand in for the bytes
+                files[rel] = (p.read_bytes() if st.st_size < 2**24
+                              else f"<{st.st_size} bytes, ino {st.st_ino}, mtime {st.st_mtime_ns}>".encode())
             elif p.is_dir():
                 files[rel + "/"] = b""
     return files
@@ -135,22 +138,34 @@ def _field(number: int, payload: bytes) -> bytes:
 
 def nested_if_bytes(depth: int) -> bytes:
     """A model whose If nodes nest ``depth`` deep, serialized by hand (protobuf itself
-    refuses to build or parse more than about 31 levels). Graph inputs: c (bool), x."""
+    refuses to build or parse more than about 31 levels). Graph inputs: c (bool), x.
+    Built as prefix/suffix pieces around the innermost graph, so it is linear in depth."""
     def leaf(tag: str) -> bytes:
         return helper.make_graph([helper.make_node("Identity", ["x"], [f"y_{tag}"])], f"leaf_{tag}", [],
                                  [vi(f"y_{tag}", [1])]).SerializeToString()
 
-    inner = leaf("deep")
+    def head(number: int, length: int) -> bytes:
+        return _varint((number << 3) | 2) + _varint(length)
+
+    prefixes, suffixes = [], []
+    inner_len = len(leaf("deep"))
+    then_b = onnx.AttributeProto(name="then_branch", type=onnx.AttributeProto.GRAPH).SerializeToString()
+    else_b = onnx.AttributeProto(name="else_branch", type=onnx.AttributeProto.GRAPH).SerializeToString()
     for level in range(depth, 0, -1):
         out = "out" if level == 1 else f"o{level}"
-        then_b = onnx.AttributeProto(name="then_branch", type=onnx.AttributeProto.GRAPH).SerializeToString()
-        else_b = onnx.AttributeProto(name="else_branch", type=onnx.AttributeProto.GRAPH).SerializeToString()
-        node = onnx.NodeProto(op_type="If", input=["c"], output=[out], name=f"if{level}").SerializeToString()
-        # NodeProto.attribute = 5, AttributeProto.g = 6
-        node += _field(5, then_b + _field(6, inner)) + _field(5, else_b + _field(6, leaf(str(level))))
         graph = onnx.GraphProto(name=f"g{level}", output=[vi(out, [1])])
         if level == 1:
             graph.input.extend([vi("c", [], TensorProto.BOOL), vi("x", [1])])
-        inner = graph.SerializeToString() + _field(1, node)  # GraphProto.node = 1
+        node = onnx.NodeProto(op_type="If", input=["c"], output=[out], name=f"if{level}").SerializeToString()
+        # GraphProto.node = 1 > NodeProto.attribute = 5 > AttributeProto.g = 6 > inner graph
+        then_head = then_b + head(6, inner_len)
+        then_len = len(then_head) + inner_len
+        else_attr = else_b + _field(6, leaf(str(level)))
+        else_part = _field(5, else_attr)
+        node_len = len(node) + len(head(5, then_len)) + then_len + len(else_part)
+        prefix = graph.SerializeToString() + head(1, node_len) + node + head(5, then_len) + then_head
+        prefixes.append(prefix)
+        suffixes.append(else_part)
+        inner_len = len(prefix) + inner_len + len(else_part)
     model = onnx.ModelProto(ir_version=8, opset_import=[helper.make_opsetid("", 17)])
-    return model.SerializeToString() + _field(7, inner)  # ModelProto.graph = 7
+    return b"".join([model.SerializeToString(), head(7, inner_len), *reversed(prefixes), leaf("deep"), *suffixes])

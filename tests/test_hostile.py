@@ -355,3 +355,31 @@ def test_api_raises_opc_errors_only(tmp_path):
     with pytest.raises(OpcError, match="no such file"):
         opc.compile(tmp_path / "missing.onnx")
     assert snapshot(tmp_path) == before
+
+
+# --- odd paths and the other commands ---------------------------------------------------
+
+
+def test_device_and_fifo_are_not_read(ws):
+    os.symlink("/dev/zero", ws.path("zero.onnx"))  # reading it would never end
+    ws.refuse(ws.path("zero.onnx"), "zero.onnx", "not a regular file")
+    os.mkfifo(ws.path("pipe.onnx"))  # opening it would block
+    ws.refuse(ws.path("pipe.onnx"), "pipe.onnx", "not a regular file")
+
+
+def test_file_over_2gb_is_refused_before_reading(ws):
+    big = ws.path("big.onnx")
+    with open(big, "wb") as f:
+        f.truncate(3 * 2**30)  # sparse: no disk space used
+    ws.refuse(big, "big.onnx", "over the 2 GB protobuf limit")
+
+
+@pytest.mark.parametrize("command", ["inspect", "diff", "verify"])
+def test_other_commands_refuse_the_same_way(ws, command):
+    bad = ws.write_bytes(b"", "bad.onnx")
+    good = ws.write_model(tiny_model(), "good.onnx")
+    before = snapshot(ws.root)
+    args = [command, bad] if command == "inspect" else [command, good, bad]
+    rc, out, err = ws.run(*args)
+    assert rc == 1 and err == f"opc: error: {bad}: empty file, not an ONNX model\n"
+    assert snapshot(ws.root) == before
