@@ -64,7 +64,8 @@ class Prune(Pass):
     samples: int = option(256, "calibration samples used", low=1)
     batch: int = option(32, "calibration batch size", low=1)
     damp: float = option(0.01, "reconstruction ridge, relative to the mean input energy", low=0.0)
-    channel_multiple: int = option(1, "channels mode: keep a multiple of this many channels per group", low=1)
+    channel_multiple: int = option(8, "channels mode: keep a multiple of this many channels per group "
+                                      "(ONNX Runtime CPU kernels run blocks of 8)", low=1)
 
     # --- entry -----------------------------------------------------------------------------
     @property

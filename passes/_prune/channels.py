@@ -30,6 +30,8 @@ UNARY = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Ta
          "Softplus", "Softsign", "Erf", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Identity", "Gelu",
          "Mish", "ThresholdedRelu", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Dropout", "Cast"}
 BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "PRelu", "Pow"}
+REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1", "ReduceLogSumExp",
+          "ReduceSumSquare", "ReduceProd"}
 POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
 
 Segment = tuple  # (gid | None, channels, repeat)
@@ -193,6 +195,10 @@ class Analysis:
         if op == "Concat":
             self.pending_concat.append(node)
             return
+        if op == "Pad":
+            return self.pad(node, t, layout, pos)
+        if op in REDUCE:
+            return self.reduce(node, t, layout, pos)
         if op in ("Flatten", "Reshape", "Squeeze"):
             return self.merge_trailing(node, t, layout, pos)
         layer = self.by_node.get(id(node))
@@ -275,6 +281,33 @@ class Analysis:
                 return
             segments.append((None, shape[neg], 1))
         self.assign(out, Layout(neg, tuple(segments)))
+
+    def pad(self, node, t, layout, pos) -> None:
+        """Spatial padding (constant pads, none on the channel axis) keeps the channels."""
+        pads = node.inputs[1] if len(node.inputs) > 1 else None
+        pads = pads.values.tolist() if isinstance(pads, gs.Constant) else node.attrs.get("pads")
+        rank = self.rank(t)
+        has_axes = len(node.inputs) > 3 and node.inputs[3] is not None and node.inputs[3].name
+        if node.inputs[0] is not t or pads is None or rank is None or pos is None or has_axes \
+                or len(pads) != 2 * rank or pads[pos] or pads[pos + rank]:
+            return self.invalidate(layout, f"Pad '{node.name}' pads the channels")
+        return self.assign(node.outputs[0], layout)
+
+    def reduce(self, node, t, layout, pos) -> None:
+        """A reduction over other axes (global pooling written as ReduceMean) keeps the channels."""
+        rank = self.rank(t)
+        axes = node.attrs.get("axes")
+        if axes is None and len(node.inputs) > 1:
+            axes = node.inputs[1].values.tolist() if isinstance(node.inputs[1], gs.Constant) else None
+        if axes is None or rank is None or pos is None or node.inputs[0] is not t:
+            return self.invalidate(layout, f"'{node.name}' reduces over unknown axes")
+        axes = [a + rank if a < 0 else a for a in np.atleast_1d(axes).tolist()]
+        if pos in axes:
+            return self.invalidate(layout, f"'{node.name}' reduces over the channels")
+        keepdims = int(node.attrs.get("keepdims", 1))
+        new_pos = pos if keepdims else pos - sum(a < pos for a in axes)
+        out_rank = rank if keepdims else rank - len(set(axes))
+        self.assign(node.outputs[0], Layout(new_pos - out_rank, layout.segments))
 
     def merge_trailing(self, node, t, layout, pos) -> None:
         """Flatten/Reshape/Squeeze that merge or drop the dimensions after the channel axis."""

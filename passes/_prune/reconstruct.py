@@ -86,14 +86,20 @@ class Accumulator:
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         xs, ys = self._matrices(x, y)
-        if self.fit_bias:
-            xs = np.concatenate([xs, np.ones(xs.shape[:2] + (1,), dtype=xs.dtype)], axis=2)
         xs = xs.astype(np.float32, copy=False)
         ys = ys.astype(np.float32, copy=False)
+        c = self.cols
         for g in range(self.groups):
-            self.h[g] += xs[g].T @ xs[g]
-            self.xty[g] += xs[g].T @ ys[g]
-            self.yy[g] += np.einsum("ij,ij->j", ys[g], ys[g], dtype=np.float64)
+            xg, yg = xs[g], ys[g]
+            self.h[g, :c, :c] += xg.T @ xg
+            self.xty[g, :c] += xg.T @ yg
+            if self.fit_bias:  # the bias is a column of ones: its entries are plain sums
+                sx = xg.sum(0, dtype=np.float64)
+                self.h[g, c, :c] += sx
+                self.h[g, :c, c] += sx
+                self.h[g, c, c] += xg.shape[0]
+                self.xty[g, c] += yg.sum(0, dtype=np.float64)
+            self.yy[g] += np.square(yg, dtype=np.float64).sum(0)
         self.rows += xs.shape[1]
 
     # --- solving -----------------------------------------------------------------------
@@ -135,17 +141,50 @@ class Accumulator:
             patterns: dict[bytes, list[int]] = {}
             for o in range(self.og):
                 patterns.setdefault(np.packbits(mask[g, o]).tobytes(), []).append(o)
-            for rows in patterns.values():
-                keep = np.flatnonzero(mask[g, rows[0]])
-                if self.fit_bias:
-                    keep = np.append(keep, self.cols)
-                if keep.size == 0:
-                    continue
-                sub = h[np.ix_(keep, keep)]
-                rhs = self.xty[g][np.ix_(keep, rows)]
-                sol = _spd_solve(sub, rhs)
-                w[g][np.ix_(keep, rows)] = sol
+            if len(patterns) <= 4:
+                for rows in patterns.values():
+                    keep = self._kept(mask[g, rows[0]])
+                    if keep.size:
+                        w[g][np.ix_(keep, rows)] = _spd_solve(h[np.ix_(keep, keep)], self.xty[g][np.ix_(keep, rows)])
+            else:
+                self._solve_rows(h, self.xty[g], mask[g], w[g])
         return w
+
+    def _kept(self, row_mask: np.ndarray) -> np.ndarray:
+        keep = np.flatnonzero(row_mask)
+        return np.append(keep, self.cols) if self.fit_bias else keep
+
+    def _solve_rows(self, h: np.ndarray, xty: np.ndarray, mask: np.ndarray, out: np.ndarray) -> None:
+        """One system per output row, solved in batches padded to the same size.
+
+        Padding entries get an identity row and a zero right-hand side, so their solution
+        is exactly zero and the kept entries solve the row's own system.
+        """
+        keeps = [self._kept(mask[o]) for o in range(mask.shape[0])]
+        size = max(k.size for k in keeps)
+        if size == 0:
+            return
+        chunk = max(1, int(2**27 // (size * size * 8)))
+        for start in range(0, len(keeps), chunk):
+            rows = range(start, min(start + chunk, len(keeps)))
+            idx = np.zeros((len(rows), size), dtype=np.int64)
+            valid = np.zeros((len(rows), size), dtype=bool)
+            for i, o in enumerate(rows):
+                idx[i, : keeps[o].size] = keeps[o]
+                valid[i, : keeps[o].size] = True
+            a = h[idx[:, :, None], idx[:, None, :]]
+            pair = valid[:, :, None] & valid[:, None, :]
+            a = np.where(pair, a, 0.0)
+            diag = np.arange(size)
+            a[:, diag, diag] = np.where(valid, a[:, diag, diag], 1.0)
+            b = np.where(valid, xty[idx, np.asarray(list(rows))[:, None]], 0.0)
+            try:
+                sol = np.linalg.solve(a, b[..., None])[..., 0]
+            except np.linalg.LinAlgError:
+                sol = np.stack([_spd_solve(a[i], b[i]) for i in range(len(rows))])
+            for i, o in enumerate(rows):
+                k = keeps[o].size
+                out[idx[i, :k], o] = sol[i, :k]
 
     def write(self, w: np.ndarray) -> None:
         """Store effective weights [groups, size, og] back into the layer's constants."""
