@@ -274,9 +274,10 @@ def demo_cmd(output: Path = typer.Option(Path("opc-demo"), "-o", "--output", hel
 def export_cmd(
     name: Optional[str] = typer.Argument(None, help="zoo model name (see --list)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the ONNX model"),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 17; 11-20)"),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 17, dynamo 18; max 20)"),
     batch: int = typer.Option(1, "--batch", help="batch size of the exported inputs"),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="make the batch axis symbolic"),
+    exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (dynamo=False) | dynamo"),
     data: Optional[Path] = typer.Option(None, "--data", help="also write calibration/eval inputs to this .npz"),
     samples: int = typer.Option(64, "--samples", help="samples written with --data"),
     split: str = typer.Option("calib", "--split", help="--data from 'calib' or 'eval' data"),
@@ -304,7 +305,7 @@ def export_cmd(
     from opc.ort import compare, make_session
     from opc.summary import human_bytes, model_summary
 
-    path = zoo.export(name, output, opset=opset, batch=batch, dynamic_batch=dynamic_batch)
+    path = zoo.export(name, output, opset=opset, batch=batch, dynamic_batch=dynamic_batch, exporter=exporter)
     import onnx
 
     model = onnx.load(str(path))

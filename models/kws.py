@@ -44,7 +44,7 @@ def build(name: str):
             m.momentum = None
     module.train()
     with torch.no_grad():
-        module(torch.from_numpy(features(256, seed=SEED + 1)))
+        module(torch.from_numpy(features(64, seed=SEED + 1)))
     return module.eval()
 
 

