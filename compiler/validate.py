@@ -393,7 +393,11 @@ def non_finite_weights(model: onnx.ModelProto) -> list[tuple[str, int]]:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             continue
         try:
-            values = numpy_helper.to_array(tensor)
+            if tensor.HasField("raw_data") and tensor.data_type != onnx.TensorProto.BFLOAT16:
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+                values = np.frombuffer(tensor.raw_data, dtype=dtype)  # a view: no copy of big weights
+            else:
+                values = numpy_helper.to_array(tensor)
         except Exception:
             continue
         if values.dtype.kind != "f":
@@ -553,15 +557,21 @@ def _check_op(node: onnx.NodeProto, where: str, opset: int, local_functions: set
         return
     if ("", node.op_type) in local_functions or (node.domain, node.op_type) in local_functions:
         return
-    if not onnx.defs.has(node.op_type, ""):
-        raise ModelError(f"{where}: node '{_node_label(node)}' uses unknown op '{node.op_type}' "
-                         f"of the default ONNX domain")
+    problem = _op_problem(node.op_type, opset)
+    if problem:
+        raise ModelError(f"{where}: node '{_node_label(node)}' uses {problem}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _op_problem(op_type: str, opset: int) -> str | None:
+    if not onnx.defs.has(op_type, ""):
+        return f"unknown op '{op_type}' of the default ONNX domain"
     try:
-        onnx.defs.get_schema(node.op_type, opset, "")
+        onnx.defs.get_schema(op_type, opset, "")
     except Exception:
-        since = onnx.defs.get_schema(node.op_type, "").since_version
-        raise ModelError(f"{where}: node '{_node_label(node)}' uses op '{node.op_type}', which does not exist in "
-                         f"opset {opset} (it appeared in opset {since})") from None
+        since = onnx.defs.get_schema(op_type, "").since_version
+        return f"op '{op_type}', which does not exist in opset {opset} (it appeared in opset {since})"
+    return None
 
 
 def _order_nodes(graph: onnx.GraphProto, producer: dict[str, int], where: str) -> None:
