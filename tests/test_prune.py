@@ -336,3 +336,22 @@ def test_digits_reconstruction_beats_plain_magnitude_per_layer(digits):
     fitted, _ = compile_(model, "prune(sparsity=0.8,scope=layer)", data)
     assert top1(fitted) >= top1(model) - 0.02
     assert top1(fitted) > top1(plain) + 0.05
+
+
+def test_sparse_storage_shrinks_the_file_and_keeps_outputs():
+    model = mlp_model()
+    dense, _ = compile_(model, "prune(sparsity=0.8,scope=layer,keep_ends=false,reconstruct=false)")
+    sparse, rec = compile_(model, "prune(sparsity=0.8,scope=layer,keep_ends=false,reconstruct=false,"
+                                  "sparse_storage=true)")
+    assert rec.stats["weights_sparse_stored"] == 4
+    assert sparse.ByteSize() < dense.ByteSize()
+    stored_bytes = sum(v.nbytes for v in weights(sparse).values())
+    assert stored_bytes < 0.5 * sum(v.nbytes for v in weights(dense).values())  # 8 bytes per nonzero
+    scatter = [n for n in sparse.graph.node if n.op_type == "ScatterElements"]
+    assert len(scatter) == 4
+    stored = weights(sparse)
+    assert stored["w2_sparse_val"].size == 768 - round(0.8 * 768) and stored["w2_sparse_idx"].dtype == np.int32
+    x = {"x": RNG.standard_normal((5, 16)).astype(np.float32)}
+    np.testing.assert_array_equal(run(sparse, x), run(dense, x))
+    _, again = compile_(sparse, "prune(sparsity=0.8,scope=layer,keep_ends=false,reconstruct=false)")
+    assert not again.modified  # stored weights are no longer plain constants: left alone
