@@ -87,15 +87,27 @@ def _parse_entries(tensor: onnx.TensorProto, model_path: Path) -> dict[str, str]
     return entries
 
 
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def load_external_data(model: onnx.ModelProto, model_path: Path) -> None:
     """Read every external tensor's bytes into raw_data (the tensor's dims and type must
     have been checked already: see opc.validate.check_tensor)."""
     from opc.validate import iter_tensors, tensor_nbytes
 
     model_path = Path(model_path)
-    for tensor, where in iter_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
+    external = [t for t, _ in iter_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    total = sum(tensor_nbytes(t) for t in external)
+    memory = physical_memory()
+    if memory and total > memory:
+        # e.g. many tensors pointing into one sparse file: refuse before reading anything
+        raise ModelError(f"{model_path}: its external data adds up to {total} bytes, more than this machine's "
+                         f"memory ({memory} bytes)")
+    for tensor in external:
         entries = _parse_entries(tensor, model_path)
         location = entries["location"]
         path = resolve_location(model_path, location, tensor.name)

@@ -145,6 +145,22 @@ def test_external_data_with_absurd_dims_is_refused_before_reading(ws):
     ws.refuse(p, "initializer 'w'", "absurd dims")
 
 
+def test_external_data_larger_than_memory_is_refused_before_reading(ws, monkeypatch):
+    import opc.external_data
+
+    monkeypatch.setattr(opc.external_data, "physical_memory", lambda: 48)
+    (ws.root / "model" / "w.bin").write_bytes(WEIGHTS.tobytes() * 2)
+    m = external_model("w.bin", offset=0, length=32)
+    second = onnx.TensorProto()
+    second.CopyFrom(m.graph.initializer[0])
+    second.name = "w2"
+    m.graph.initializer.append(second)  # 2 x 32 bytes > 48 bytes of "memory"
+    m.graph.node.append(helper.make_node("Add", ["y", "w2"], ["z"], name="add2"))
+    m.graph.output[0].name = "z"
+    p = write(ws, m)
+    ws.refuse(p, "64 bytes", "more than this machine's memory (48 bytes)")
+
+
 # --- accepted -------------------------------------------------------------------------
 
 
@@ -214,3 +230,14 @@ def test_api_refuses_the_same(ws):
     p = write(ws, external_model("w.bin"))
     with pytest.raises(ModelError, match="hard links"):
         load_model(p)
+
+
+def test_output_over_a_symlinked_cache_file_leaves_the_blob(ws):
+    snap = _hf_cache(ws)
+    blob = snap.parent.parent / "blobs" / "aaa111"
+    before = blob.read_bytes()
+    rc, out, err = ws.run("compile", snap / "model.onnx", "-o", snap / "model.onnx")
+    assert rc == 0, err
+    assert blob.read_bytes() == before  # the shared cache blob is not written through
+    assert not (snap / "model.onnx").is_symlink()
+    np.testing.assert_array_equal(_weights_of(snap / "model.onnx"), WEIGHTS)
