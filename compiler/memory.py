@@ -640,11 +640,21 @@ class Liveness:
 
 
 def _default_workspace_fn():
+    """opc.runtime.workspace_bytes when the runtime provides it; a node it fails on gets
+    no workspace (the runtime then allocates that scratch memory itself)."""
     try:
         from opc.runtime import workspace_bytes  # type: ignore[attr-defined]
     except Exception:
         return None
-    return workspace_bytes
+
+    def guarded(node, input_shapes, input_dtypes):
+        try:
+            return int(workspace_bytes(node, input_shapes, input_dtypes) or 0)
+        except Exception as exc:  # noqa: BLE001 - the runtime's estimate must not stop planning
+            log.debug("workspace_bytes failed on %s '%s': %s", node.op_type, node.name, exc)
+            return 0
+
+    return guarded
 
 
 def no_workspace(node, input_shapes, input_dtypes) -> int:
@@ -1076,8 +1086,10 @@ def store_plan(model: onnx.ModelProto, plan: MemoryPlan) -> None:
     set_metadata(model, {META_KEY: plan.to_json()})
 
 
-def load_plan_with_reason(model: onnx.ModelProto) -> tuple[MemoryPlan | None, str]:
-    """(plan, "") when a stored plan matches the graph, else (None, why not)."""
+def load_plan_with_reason(model: onnx.ModelProto, input_shapes: dict | None = None
+                          ) -> tuple[MemoryPlan | None, str]:
+    """(plan, "") when a stored plan matches the graph (and ``input_shapes``, when given),
+    else (None, why not)."""
     from opc.ir import get_metadata
 
     text = get_metadata(model).get(META_KEY)
@@ -1090,12 +1102,18 @@ def load_plan_with_reason(model: onnx.ModelProto) -> tuple[MemoryPlan | None, st
     if not plan.matches(model):
         return None, ("the stored memory plan does not match the graph (the model was edited "
                       "after planning); replan it")
+    if input_shapes is not None:
+        asked = {k: tuple(int(d) for d in v) for k, v in input_shapes.items()}
+        if any(plan.input_shapes.get(k) != v for k, v in asked.items()):
+            planned = ", ".join(f"{k}: {list(v)}" for k, v in plan.input_shapes.items())
+            return None, f"the stored memory plan is for other input shapes ({planned})"
     return plan, ""
 
 
-def load_plan(model: onnx.ModelProto) -> MemoryPlan | None:
-    """The stored plan, or None (the reason is logged) when absent, unreadable or stale."""
-    plan, reason = load_plan_with_reason(model)
+def load_plan(model: onnx.ModelProto, input_shapes: dict | None = None) -> MemoryPlan | None:
+    """The stored plan, or None (the reason is logged) when absent, unreadable, stale, or
+    made for other input shapes than ``input_shapes`` (when given)."""
+    plan, reason = load_plan_with_reason(model, input_shapes)
     if plan is None:
         log.info("memory plan not used: %s", reason)
     return plan

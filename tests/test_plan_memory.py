@@ -437,3 +437,32 @@ def test_planned_shapes_match_onnx_runtime(light_models):
     outs = make_session(full, threads=1, optimize=False).run(names, seeded_feeds(full, plan.input_shapes))
     for name, arr in zip(names, outs):
         assert (tuple(arr.shape), arr.nbytes) == (plan.tensors[name].shape, plan.tensors[name].size), name
+
+
+def test_a_plan_for_other_input_shapes_is_not_used():
+    text = HEADER + "sym (float[N,1024] x) => (float[N,1024] y) {\n  a = Softmax(x)\n  y = Softmax(a)\n}\n"
+    model = parse(text)
+    store_plan(model, plan_model(model, {"x": (4, 1024)}, workspace_fn=no_workspace))
+    assert load_plan(model, {"x": (4, 1024)}) is not None
+    plan, reason = load_plan_with_reason(model, {"x": [2, 1024]})
+    assert plan is None and reason == "the stored memory plan is for other input shapes (x: [4, 1024])"
+
+
+def test_the_runtime_workspace_function_is_used_and_guarded(monkeypatch):
+    import types
+
+    calls = []
+
+    def workspace_bytes(node, shapes, dtypes):
+        calls.append(node.op_type)
+        if node.output[0] == "c":
+            raise ValueError("no estimate")
+        return 512 if node.output[0] == "b" else 0
+
+    fake = types.ModuleType("opc.runtime")
+    fake.workspace_bytes = workspace_bytes
+    monkeypatch.setitem(__import__("sys").modules, "opc.runtime", fake)
+    plan = plan_model(parse(CHAIN))
+    assert calls == ["Softmax"] * 4
+    assert list(plan.workspaces) == [1] and plan.workspaces[1].size == 512
+    plan.check()
