@@ -436,6 +436,7 @@ class _Search:
         self.on_result = on_result
         self.results: list[TrialResult] = []
         self.by_pipeline: dict[str, TrialResult] = {}
+        self.by_key: dict[str, TrialResult] = {}
         self.config_of: dict[str, Config] = {}
         self.next_index = 0
         self.used = 0
@@ -462,16 +463,18 @@ class _Search:
 
     def evaluate(self, items: Sequence[tuple[Config | None, str, str]], count: bool = True) -> list[TrialResult]:
         """Run (config, phase, note) items not seen before; return their results in trial order."""
-        trials, known = [], []
+        trials, known, keys = [], [], {}
         for config, phase, note in items:
             pipeline = config.pipeline() if config is not None else "fold"
-            if pipeline in self.by_pipeline:
-                known.append(self.by_pipeline[pipeline])
+            key = self.model_key(config)
+            if key in self.by_key:
+                known.append(self.by_key[key])
                 continue
             if count and self.used >= self.budget:
                 break
-            if any(t.pipeline == pipeline for t in trials):
+            if key in keys.values():
                 continue
+            keys[pipeline] = key
             trials.append(Trial(self.next_index, pipeline, phase, note))
             self.next_index += 1
             if config is not None:
@@ -483,6 +486,7 @@ class _Search:
             fresh.append(result)
             self.results.append(result)
             self.by_pipeline[result.pipeline] = result
+            self.by_key[keys[result.pipeline]] = result
             if self.log_file is not None:
                 self.log_file.write(json.dumps(result.to_json(), default=str) + "\n")
                 self.log_file.flush()
@@ -490,6 +494,13 @@ class _Search:
                 self.on_result(result, self)
         self.results.sort(key=lambda r: r.index)  # trial order, whichever worker finished first
         return sorted(known + fresh, key=lambda r: r.index)
+
+    def model_key(self, config: Config | None) -> str:
+        """Configurations that give the same weights and graph (the SQNR table aside) share a key."""
+        return "fold" if config is None else replace(config, table=False).pipeline()
+
+    def tried(self, config: Config) -> bool:
+        return self.model_key(config) in self.by_key
 
     def batch(self) -> int:
         return max(1, self.runner.workers)
@@ -575,14 +586,14 @@ class _Search:
         groups.append([(replace(cfg, exclude=tuple(x for x in cfg.exclude if x != n)), f"re-quantize {n}")
                        for n in back])
         if self.objective == "latency":
+            if self.has_matmul and pass_default("quantize", "weight_only") is not None:
+                groups.append([(replace(cfg, weight_only=not cfg.weight_only),
+                                "weight-only" if not cfg.weight_only else "full quantization")])
             keep = [n for n in order if n not in cfg.exclude]
             if len(keep) > 1:
                 moves = [(replace(cfg, exclude=cfg.exclude + (n,)), f"keep {n} in float") for n in keep]
                 self.rng.shuffle(moves)
                 groups.append(moves)
-            if self.has_matmul and pass_default("quantize", "weight_only") is not None:
-                groups.append([(replace(cfg, weight_only=not cfg.weight_only),
-                                "weight-only" if not cfg.weight_only else "full quantization")])
         if self.objective == "size" and self.has_matmul and pass_default("quantize", "weight_bits") is not None:
             extra = tuple(kv for kv in cfg.extra if kv[0] != "weight_bits") + (("weight_bits", 4),)
             groups.append([(replace(cfg, weight_only=True, extra=extra), "int4 weight-only")])
@@ -616,7 +627,7 @@ class _Search:
             if cfg is None:
                 return
             candidates = [(c, note) for c, note in self.moves(cfg, order)
-                          if c.pipeline() not in self.by_pipeline and c.pipeline() not in tried]
+                          if not self.tried(c) and c.pipeline() not in tried]
             if not candidates:
                 return
             improved = None
