@@ -6,8 +6,9 @@ minilm-l6). Every model comes with calibration/evaluation data: real where we ha
 (scikit-learn digits, foolbox's 20 labelled ImageNet images, real sentences), else
 seeded random data marked ``synthetic``.
 
-Only ``list_models``/``describe`` work without torch; everything that builds a model
-needs the ``torch`` extra and raises a one-line ``OpcError`` otherwise.
+Names and data (``list_models``, ``describe``, ``sample_data``, ``eval_set``) work without
+torch; building or exporting a model needs the ``torch`` extra and raises a one-line
+``OpcError`` otherwise.
 
     export(name, path, opset=None, batch=1, dynamic_batch=False) -> Path
     sample_data(name, n, split="calib") -> {input name: array}   (model inputs only)
@@ -92,14 +93,15 @@ def require_torch():
 
 
 def _impl(name: str):
-    info = describe(name)
-    require_torch()
-    return importlib.import_module(f"opc.models.{info.module}")
+    # the model modules import torch only inside the functions that build modules, so
+    # names and data (sample_data, eval_set) work without torch
+    return importlib.import_module(f"opc.models.{describe(name).module}")
 
 
 @functools.lru_cache(maxsize=None)
 def build(name: str):
     """The PyTorch module in eval mode (cached: training/loading happens once per process)."""
+    require_torch()
     module = _impl(name).build(name)
     for p in module.parameters():
         p.requires_grad_(False)

@@ -185,6 +185,16 @@ def test_minilm_separates_paraphrases(zoo):
 
 # --- data helpers ------------------------------------------------------------------------
 
+def test_data_needs_no_torch_but_building_does(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    assert M.sample_data("kws-lstm", 2)["mfcc"].shape == (2, 49, 40)
+    assert M.input_names("minilm-l6") == ["input_ids", "attention_mask"]
+    with pytest.raises(OpcError, match="needs PyTorch"):
+        M.build.__wrapped__("kws-lstm")  # past the per-process cache
+    with pytest.raises(OpcError, match="needs PyTorch"):
+        M.export("kws-lstm", "unused.onnx")
+
+
 def test_sample_data_shapes_and_provenance():
     d = M.sample_data("kws-lstm", 5)
     assert list(d) == ["mfcc"] and d["mfcc"].shape == (5, 49, 40) and d["mfcc"].dtype == np.float32
