@@ -54,6 +54,7 @@ from opc.passes._fold.core import State, infer_types, iter_graphs, pin_outputs
 RULES = (
     ("constants", _const.constant_nodes),
     ("noops", _noops.noops),
+    ("noops", _noops.default_inputs_dropped),
     ("castlike", _const.castlike_folded),
     ("shapes", _const.shapes_folded),
     ("shapes", _symbolic.dynamic_shapes_folded),
@@ -68,7 +69,8 @@ RULES = (
     ("cse", _cse.subexpressions_merged),
 )
 FAMILIES = ("constants", "noops", "castlike", "shapes", "generated", "merges", "fuse", "cse", "dead")
-STATS = ("constant_nodes", "identity_removed", "dropout_removed", "noops_removed", "castlike_folded",
+STATS = ("constant_nodes", "identity_removed", "dropout_removed", "noops_removed", "default_inputs_dropped",
+         "castlike_folded",
          "shapes_folded", "dynamic_shapes_folded", "constants_folded", "generated_folded", "reshapes_merged", "transposes_merged",
          "casts_merged", "unsqueezes_merged", "batchnorms_fused", "affine_fused", "pads_fused", "initializers_deduplicated",
          "subexpressions_merged", "dead_nodes_removed")

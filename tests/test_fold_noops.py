@@ -222,3 +222,33 @@ def test_custom_domain_nodes_untouched():
     assert [n.domain for n in out.graph.node] == ["com.example"] * 3
     assert {o.domain: o.version for o in out.opset_import} == {"": 17, "com.example": 1}
     assert nonzero(result.stats) == {"constant_nodes": 1}
+
+
+def test_zero_default_inputs_are_dropped():
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    hidden, feat = 4, 3
+    inits = [numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, feat)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32), "R"),
+             numpy_helper.from_array(np.zeros((1, 8 * hidden), np.float32), "B"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([hidden], np.int64), "h"),
+             numpy_helper.from_array(np.array(1, np.int64), "i1")]
+    nodes = [  # zeros of shape [1, batch, hidden], the batch read from x at run time
+        helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "i1"], ["b"]),
+        helper.make_node("Unsqueeze", ["b", "zero_axis"], ["bu"]),
+        helper.make_node("Concat", ["one", "bu", "h"], ["hs"], axis=0),
+        helper.make_node("ConstantOfShape", ["hs"], ["h0"]),
+        helper.make_node("LSTM", ["x", "W", "R", "B", "", "h0", "h0"], ["y"], hidden_size=hidden)]
+    inits.append(numpy_helper.from_array(np.array([0], np.int64), "zero_axis"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "N", feat])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, "N", hidden])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    out, result = fold(model)
+    assert ops(out) == ["LSTM"]
+    assert list(out.graph.node[0].input) == ["x", "W", "R"]
+    assert result.stats["default_inputs_dropped"] == 3
+    assert_same_outputs(model, out)
+    assert_idempotent(out)

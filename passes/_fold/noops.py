@@ -246,3 +246,47 @@ def unsqueezes_merged(state: State, graph: gs.Graph) -> None:
         else:
             node.inputs[1] = gs.Constant(state.fresh(node.inputs[1].name), np.array(combined, dtype=np.int64))
         state.stats["unsqueezes_merged"] += 1
+
+
+# optional inputs whose documented default is all zeros: (op, input index)
+_ZERO_DEFAULTS = {("Conv", 2), ("ConvTranspose", 2), ("Gemm", 2), ("LSTM", 3), ("LSTM", 5), ("LSTM", 6),
+                  ("LSTM", 7), ("GRU", 3), ("GRU", 5), ("RNN", 3), ("RNN", 5)}
+# ops that keep an all-zeros input all zeros (any shape arguments)
+_ZERO_PRESERVING = {"Slice", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Tile",
+                    "Identity", "Cast", "Gather", "Concat"}
+
+
+def is_zeros(t: gs.Tensor, depth: int = 0) -> bool:
+    """True when every element of t is zero, whatever its (possibly dynamic) shape."""
+    value = const(t)
+    if value is not None:
+        return value.dtype.kind in "biuf" and value.size > 0 and not np.any(value)
+    node = producer(t)
+    if node is None or not is_default_domain(node) or depth > 8:
+        return False
+    if node.op == "ConstantOfShape":
+        v = node.attrs.get("value")
+        return v is None or not np.any(np.asarray(v.values))
+    if node.op in _ZERO_PRESERVING and node.inputs:
+        data = node.inputs if node.op == "Concat" else node.inputs[:1]
+        return all(is_zeros(x, depth + 1) for x in data)
+    return False
+
+
+def default_inputs_dropped(state: State, graph: gs.Graph) -> None:
+    """Zero biases and zero initial states are the ops' defaults: drop them
+    (stat ``default_inputs_dropped``)."""
+    for node in list(graph.nodes):
+        if not is_default_domain(node):
+            continue
+        for i, t in enumerate(node.inputs):
+            if (node.op, i) not in _ZERO_DEFAULTS or not t.name or not is_zeros(t):
+                continue
+            if i == len(node.inputs) - 1:
+                del node.inputs[i]
+                while node.inputs and not node.inputs[-1].name:
+                    del node.inputs[-1]
+            else:
+                node.inputs[i] = gs.Variable.empty()
+            state.stats["default_inputs_dropped"] += 1
+            break  # indices moved: the next round sees the rest
