@@ -526,14 +526,16 @@ class _Search:
     def calibration_phase(self, first: TrialResult, table):
         default = pass_default("quantize", "calibration")
         # "random" calibrates on synthetic data: never a way to recover accuracy
-        items = [(Config(calibration=c), "calibration", f"calibration={c}")
+        # the first trial's SQNR table ranks the layers; these trials skip theirs (it is slow)
+        plain = Config(table=False)
+        items = [(replace(plain, calibration=c), "calibration", f"calibration={c}")
                  for c in pass_choices("quantize", "calibration") if c not in (default, "random")]
         if pass_default("quantize", "bias_correction") is not None:
-            items.append((Config(extra=(("bias_correction", True),)), "calibration", "bias correction"))
+            items.append((replace(plain, extra=(("bias_correction", True),)), "calibration", "bias correction"))
         if self.has_matmul and pass_default("quantize", "smoothquant") is not None:
-            items.append((Config(extra=(("smoothquant", True),)), "calibration", "smoothquant"))
+            items.append((replace(plain, extra=(("smoothquant", True),)), "calibration", "smoothquant"))
         if self.has_matmul and pass_default("quantize", "weight_only") is not None:
-            items.append((Config(weight_only=True), "calibration", "weight-only"))
+            items.append((replace(plain, weight_only=True), "calibration", "weight-only"))
         results = [first]
         for start in range(0, len(items), self.batch()):
             if self.left() <= 0:
@@ -541,8 +543,7 @@ class _Search:
             results += self.evaluate(items[start:start + self.batch()])
         good = [r for r in results if r.ok]
         pick = min(good, key=lambda r: (r.drop, r.index))
-        config = self.config_of.get(pick.pipeline, Config())
-        return config, pick.details.get("sensitivity") or table
+        return self.config_of.get(pick.pipeline, Config()), table
 
     def fallback_phase(self, base: Config, order: list[str]) -> None:
         n = len(order)
