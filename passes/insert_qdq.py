@@ -113,7 +113,7 @@ class Quantize(Pass):
         "auto", "activation integer type (auto: uint8 on x86, int8 on ARM)")
     symmetric: bool = option(False, "symmetric activation ranges (zero point at the middle)")
     exclude: tuple[str, ...] = option((), "node names or op types to keep in float")
-    bias_correction: bool = option(False, "remove the mean output shift of quantized weights through the bias")
+    bias_correction: bool = option(True, "remove the mean output shift of quantized weights through the bias")
     smoothquant: bool = option(False, "SmoothQuant scale migration for MatMul/Gemm")
     alpha: float = option(0.5, "SmoothQuant migration strength", low=0.0, high=1.0)
     weight_only: bool = option(False, "quantize only MatMul/Gemm weights (no calibration)")
@@ -507,6 +507,13 @@ class Quantize(Pass):
         mean = st.channel_mean if st is not None else None
         dw = (qw.astype(np.float32) * (w_scale if axis is None else
                                        np.expand_dims(w_scale, [a for a in range(w.ndim) if a != axis]))) - w
+        if node.op == "ConvTranspose":  # weight [C_in, M/group, k...]
+            if mean is None or int(node.attrs.get("group", 1)) != 1 or dw.shape[0] != mean.shape[0]:
+                return np.zeros(w.shape[1], np.float32)
+            dw2 = dw.reshape(dw.shape[0], dw.shape[1], -1).sum(axis=2).astype(np.float64)
+            # each output pixel receives about kernel_size / prod(strides) of the taps
+            strides = np.prod(node.attrs.get("strides", [1])) or 1
+            return (mean @ dw2 / strides).astype(np.float32)
         n_out = w.shape[0] if node.op == "Conv" else (
             w.shape[0] if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else w.shape[-1])
         if mean is None:
@@ -540,25 +547,37 @@ class Quantize(Pass):
         names = sorted({n.inputs[0].name for n in targets})
         st = cal.collect(model, names, self._batches(ctx, model), histogram=False,
                          channel_axes={n: -1 for n in names})
-        smoothed = 0
+        groups: dict[str, list] = {}
         for node in targets:
-            x = node.inputs[0]
-            xmax = st[x.name].channel_absmax
-            w = const_array(node.inputs[1]).astype(np.float32)
-            wk = w.T if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else w  # [K, N]
-            if xmax is None or xmax.shape[0] != wk.shape[0]:
+            groups.setdefault(node.inputs[0].name, []).append(node)
+        smoothed = 0
+        builder = _Builder(graph, "uint8")
+        for xname, nodes in groups.items():
+            # one scale per activation: Q, K and V projections of one LayerNorm share it
+            x = nodes[0].inputs[0]
+            xmax = st[xname].channel_absmax
+            kweights = []
+            for node in nodes:
+                w = const_array(node.inputs[1]).astype(np.float32)
+                transposed = node.op == "Gemm" and int(node.attrs.get("transB", 0))
+                kweights.append((node, w.T if transposed else w, transposed))  # [K, N]
+            if xmax is None or any(xmax.shape[0] != wk.shape[0] for _, wk, _ in kweights):
                 continue
-            wmax = np.abs(wk).max(axis=1)
+            wmax = np.max([np.abs(wk).max(axis=1) for _, wk, _ in kweights], axis=0)
             s = np.power(np.maximum(xmax, 1e-5), self.alpha) / np.power(np.maximum(wmax, 1e-5), 1 - self.alpha)
             s = np.clip(s, 1e-2, 1e2).astype(np.float32)
-            wk_new = wk * s[:, None]
-            w_new = wk_new.T if wk is not w else wk_new
-            node.inputs[1] = gs.Constant(f"{node.inputs[1].name}_smoothed", np.ascontiguousarray(w_new))
-            mul_out = gs.Variable(f"{x.name}_smoothed_{smoothed}", dtype=np.float32, shape=x.shape)
-            inv = gs.Constant(f"{x.name}_smooth_scale_{smoothed}", (1.0 / s).astype(np.float32))
-            graph.nodes.append(gs.Node("Mul", name=f"{node.name}_smooth", inputs=[x, inv], outputs=[mul_out]))
-            node.inputs[0] = mul_out
-            smoothed += 1
+            for node, wk, transposed in kweights:
+                wk_new = wk * s[:, None]
+                w_new = wk_new.T if transposed else wk_new
+                node.inputs[1] = gs.Constant(builder.unique(f"{node.inputs[1].name}_smoothed"),
+                                             np.ascontiguousarray(w_new))
+            mul_out = gs.Variable(builder.unique(f"{xname}_smoothed"), dtype=np.float32, shape=x.shape)
+            inv = gs.Constant(builder.unique(f"{xname}_smooth_scale"), (1.0 / s).astype(np.float32))
+            graph.nodes.append(gs.Node("Mul", name=builder.unique(f"{xname}_smooth"), inputs=[x, inv],
+                                       outputs=[mul_out]))
+            for node in nodes:
+                node.inputs[0] = mul_out
+            smoothed += len(nodes)
         stats["smoothed_nodes"] = smoothed
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return graph

@@ -297,11 +297,36 @@ def test_bias_correction_and_methods_run():
     m = cnn()
     data = calib(m, n=64, seed=5)
     base = quantize(m, "quantize", data=data)[1].passes[0].stats["output_sqnr_db"]
-    for passes in ("quantize(bias_correction=true)", "quantize(calibration=entropy,bins=512)",
+    for passes in ("quantize(bias_correction=false)", "quantize(calibration=entropy,bins=512)",
                    "quantize(calibration=percentile)", "quantize(calibration=mse)"):
         q, report = quantize(m, passes, data=data)
         st = report.passes[0].stats
         assert st["quantized_nodes"] == 3 and st["output_sqnr_db"] > base - 6, passes
+
+
+def test_bias_correction_removes_the_mean_shift():
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((6, 16)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    m = build("""
+    g (float[N, 16] x) => (float[N, 6] y) {
+        y = Gemm <transB = 1> (x, w, b)
+    }""", {"w": w, "b": b})
+    x = (rng.standard_normal((128, 16)) + 3.0).astype(np.float32)  # inputs with a large mean
+    data = CalibrationData(Path("<test>"), {"x": x})
+    on, report_on = quantize(m, "quantize", data=data)
+    off, report_off = quantize(m, "quantize(bias_correction=false)", data=data)
+    gemm = node_by_output(on, "y")
+    bdq = node_by_output(on, gemm.input[2])
+    b_on = init(on, bdq.input[0]) * init(on, bdq.input[1]).astype(np.float64)
+    wdq = node_by_output(on, gemm.input[1])
+    w_deq = init(on, wdq.input[0]) * init(on, wdq.input[1])[:, None]
+    expected = b - x.mean(axis=0) @ (w_deq - w).T
+    np.testing.assert_allclose(b_on, expected, atol=float(init(on, bdq.input[1]).max()))
+    y_ref = x @ w.T + b
+    err_on = (make_session(on).run(None, {"x": x})[0] - y_ref).mean(axis=0)
+    err_off = (make_session(off).run(None, {"x": x})[0] - y_ref).mean(axis=0)
+    assert np.abs(err_on).mean() < np.abs(err_off).mean()
 
 
 def test_weight_only_int8_and_int4():
@@ -337,17 +362,25 @@ def test_weight_only_int8_and_int4():
 def test_smoothquant_moves_outlier_channels_into_weights():
     rng = np.random.default_rng(8)
     m = build("""
-    g (float[N, 32] x) => (float[N, 16] y) {
+    g (float[N, 32] x) => (float[N, 16] y, float[N, 8] z) {
         y = MatMul(x, w)
-    }""", {"w": rng.standard_normal((32, 16)) * 0.2})
+        z = Gemm <transB = 1> (x, w2)
+    }""", {"w": rng.standard_normal((32, 16)) * 0.2, "w2": rng.standard_normal((8, 32)) * 0.2})
     x = rng.standard_normal((256, 32)).astype(np.float32)
     x[:, 3] *= 60.0  # one outlier channel, as in transformer activations
     data = CalibrationData(Path("<test>"), {"x": x})
     plain = quantize(m, "quantize(per_channel=true)", data=data)[1].passes[0].stats
     q, report = quantize(m, "quantize(smoothquant=true)", data=data)
     smooth = report.passes[0].stats
-    assert smooth["smoothed_nodes"] == 1
+    assert smooth["smoothed_nodes"] == 2
+    assert Counter(ops(q))["Mul"] == 1  # one scale per activation, shared by both consumers
     assert smooth["output_sqnr_db"] > plain["output_sqnr_db"] + 3
+    # X / s through the Mul and s * W in the weights: the float function is unchanged
+    mul = next(n for n in q.graph.node if n.op_type == "Mul")
+    inv = init(q, mul.input[1])
+    w_dq = node_by_output(q, node_by_output(q, "y").input[1])
+    w_smoothed = init(q, w_dq.input[0]).astype(np.float32) * init(q, w_dq.input[1])
+    np.testing.assert_allclose(w_smoothed * inv[:, None], init(m, "w"), atol=0.02)
 
 
 def test_random_calibration_is_reported():
