@@ -387,6 +387,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         typer.echo(f"opc: warning: {message}", err=True)
 
 
+class _Terminated(BaseException):
+    """SIGTERM (e.g. from `timeout` or a job scheduler), raised so that cleanup runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def _run_command(argv: list[str]):
     # make_context/invoke directly (not click's main): click and typer turn Ctrl-C into
     # their own exits and print blank lines; here every outcome is mapped in main()
@@ -397,10 +405,10 @@ def _run_command(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code. Every failure is one line on stderr:
-    0 ok, 1 invalid input or failure, 2 usage, 3 verification mismatch, 130 Ctrl-C."""
+    0 ok, 1 invalid input or failure, 2 usage, 3 verification mismatch, 130 Ctrl-C,
+    143 SIGTERM (both after cleanup: nothing half-written is left)."""
     global _DEBUG
-    import errno
-    import warnings
+    import signal
 
     argv = list(sys.argv[1:] if argv is None else argv)
     _DEBUG = "--debug" in argv
@@ -410,6 +418,21 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.DEBUG)
     _WARNED.clear()
+    try:
+        previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # not the main thread
+        previous_term = None
+    try:
+        return _main(argv)
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def _main(argv: list[str]) -> int:
+    import errno
+    import warnings
+
     with warnings.catch_warnings():
         from opc.validate import OpcWarning
 
@@ -433,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         except (KeyboardInterrupt, *_click_errors("Abort")):
             typer.echo("opc: interrupted", err=True)
             return EXIT_INTERRUPTED
+        except _Terminated:
+            typer.echo("opc: terminated", err=True)
+            return 128 + 15
         except OpcError as exc:
             if _DEBUG:
                 traceback.print_exc()

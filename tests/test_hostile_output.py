@@ -202,7 +202,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_real_sigint_exits_130_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("sig, rc, line", [(signal.SIGINT, 130, "opc: interrupted\n"),
+                                           (signal.SIGTERM, 143, "opc: terminated\n")], ids=["SIGINT", "SIGTERM"])
+def test_real_signal_exits_cleanly_and_leaves_nothing(tmp_path, sig, rc, line):
     (tmp_path / "model.onnx").write_bytes(rich_model().SerializeToString())
     (tmp_path / "out.onnx").write_bytes(SENTINEL)
     before = snapshot(tmp_path)
@@ -211,12 +213,12 @@ def test_real_sigint_exits_130_and_leaves_nothing(tmp_path):
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         assert proc.stdout.readline().strip() == "READY"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
-    assert err == "opc: interrupted\n"
+    assert proc.returncode == rc, err
+    assert err == line
     assert snapshot(tmp_path) == before
 
 
