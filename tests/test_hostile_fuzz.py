@@ -245,6 +245,30 @@ def test_fuzz_cli(seed, edits):
             assert not lines and sorted(os.listdir(d)) == ["in.onnx", "out.onnx"]
 
 
+array_spec = st.tuples(st.sampled_from(["x", "y", "c", "w", "x "]),
+                       st.lists(st.integers(0, 5), max_size=3),
+                       st.sampled_from(["float32", "float64", "int64", "bool", "U3", "object"]))
+
+
+@settings(FUZZ, max_examples=max(EXAMPLES // 4, 10))
+@given(seed=st.integers(0, len(SEEDS) - 1), arrays=st.lists(array_spec, max_size=3))
+def test_fuzz_calibration_data(seed, arrays):
+    """Calibration .npz files from strangers: a DataError or data that fits the model."""
+    from opc.data import CalibrationData
+
+    payload = {name: np.zeros(shape, dtype=dtype) for name, shape, dtype in arrays}
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "calib.npz"
+        np.savez(path, allow_pickle=True, **payload)
+        try:
+            data = CalibrationData.load(path, SEEDS[seed])
+        except OpcError as exc:
+            assert "\n" not in str(exc)
+            return
+        for batch in data.batches(2):
+            assert set(batch) == set(payload)
+
+
 def test_seeds_compile():
     """The seeds themselves must go all the way through (else the fuzzing proves little)."""
     for model in SEEDS:
