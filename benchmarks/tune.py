@@ -20,6 +20,7 @@ benchmarks/results/tune-MODEL.jsonl.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -58,13 +59,18 @@ def model_setup(name: str, calib_samples: int):
 
 
 def uniform_configs(has_matmul: bool, prune: bool) -> list[str]:
-    configs = ["fold,quantize", "fold,quantize(calibration=percentile)", "fold,quantize(calibration=entropy)",
-               "fold,quantize(calibration=mse)", "fold,quantize(bias_correction=true)"]
+    """Every layer treated alike (no SQNR table: it does not change the model, only compile time)."""
+    from opc.tune import Config, pass_default
+
+    plain = Config(table=False)
+    configs = [plain] + [replace(plain, calibration=c) for c in ("percentile", "entropy", "mse")]
+    configs.append(replace(plain, extra=(("bias_correction", not pass_default("quantize", "bias_correction")),)))
     if has_matmul:
-        configs += ["fold,quantize(weight_only=true)", "fold,quantize(smoothquant=true)"]
+        configs += [replace(plain, weight_only=True), replace(plain, extra=(("smoothquant", True),))]
     if prune:
-        configs += ["fold,prune(sparsity=0.25,mode=channels),quantize", "fold,prune(mode=channels),quantize"]
-    return configs
+        configs += [replace(plain, sparsity=0.25, prune_mode="channels"), replace(plain, sparsity=0.5,
+                                                                                prune_mode="channels")]
+    return [c.pipeline() for c in configs]
 
 
 def run_model(name: str, args) -> tuple[dict, list[dict]]:

@@ -530,8 +530,10 @@ class _Search:
         plain = Config(table=False)
         items = [(replace(plain, calibration=c), "calibration", f"calibration={c}")
                  for c in pass_choices("quantize", "calibration") if c not in (default, "random")]
-        if pass_default("quantize", "bias_correction") is not None:
-            items.append((replace(plain, extra=(("bias_correction", True),)), "calibration", "bias correction"))
+        bias = pass_default("quantize", "bias_correction")
+        if bias is not None:  # whichever way the pass defaults, try the other
+            items.append((replace(plain, extra=(("bias_correction", not bias),)), "calibration",
+                          f"bias correction {'off' if bias else 'on'}"))
         if self.has_matmul and pass_default("quantize", "smoothquant") is not None:
             items.append((replace(plain, extra=(("smoothquant", True),)), "calibration", "smoothquant"))
         if self.has_matmul and pass_default("quantize", "weight_only") is not None:

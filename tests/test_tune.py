@@ -303,9 +303,9 @@ def test_eval_data_that_does_not_fit_is_a_one_line_error(digits_assets, tmp_path
 
 
 def test_config_pipeline_is_canonical():
-    cfg = Config(exclude=("z", "a"), calibration="percentile", extra=(("bias_correction", True),))
+    cfg = Config(exclude=("z", "a"), calibration="percentile", extra=(("smoothquant", True),), table=False)
     text = cfg.pipeline()
-    assert text == "fold,quantize(calibration=percentile,exclude=[a,z],bias_correction=true)"
+    assert text == "fold,quantize(calibration=percentile,exclude=[a,z],smoothquant=true,sensitivity_samples=0)"
     assert canonicalize(text) == text
     pruned = Config(sparsity=0.25, prune_mode="channels").pipeline()
     assert pruned == "fold,prune(sparsity=0.25,mode=channels),quantize"
