@@ -102,7 +102,39 @@ class CalibrationData:
 
 
 def _read_file(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
     if path.suffix == ".npy":
         return {path.stem: np.load(path, allow_pickle=False, mmap_mode="r")}
+    _check_npz_sizes(path)
     with np.load(path, allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}
+
+
+def _check_npz_sizes(path: Path) -> None:
+    """Refuse an .npz whose arrays would not fit in memory, from the array headers alone
+    (a compressed .npz of zeros is a zip bomb: 10 GB can take 10 MB on disk)."""
+    import zipfile
+
+    from opc.external_data import physical_memory
+
+    memory = physical_memory()
+    if not memory or not zipfile.is_zipfile(path):
+        return  # np.load reports what it is not
+    total = 0
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as f:
+                try:
+                    version = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(f)
+                except Exception:
+                    continue  # np.load reports it
+            total += int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if total > memory:
+        raise DataError(f"{path}: its arrays add up to {total} bytes, more than this machine's memory "
+                        f"({memory} bytes)")

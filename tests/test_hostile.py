@@ -383,3 +383,21 @@ def test_other_commands_refuse_the_same_way(ws, command):
     rc, out, err = ws.run(*args)
     assert rc == 1 and err == f"opc: error: {bad}: empty file, not an ONNX model\n"
     assert snapshot(ws.root) == before
+
+
+def test_calibration_zip_bomb_refused_from_headers(ws, monkeypatch):
+    import opc.external_data
+
+    p = ws.write_model(tiny_model())
+    data = ws.path("calib.npz")
+    np.savez_compressed(data, x=np.zeros((2**16, 4), np.float32))  # 1 MiB of zeros, a few KiB on disk
+    assert data.stat().st_size < 2**16
+    monkeypatch.setattr(opc.external_data, "physical_memory", lambda: 2**20 - 1)
+    ws.refuse(p, str(data), "1048576 bytes", "more than this machine's memory",
+              extra=["--calibration-data", data])
+
+
+def test_calibration_fifo_is_not_read(ws):
+    p = ws.write_model(tiny_model())
+    os.mkfifo(ws.path("calib.npz"))
+    ws.refuse(p, "calib.npz", "not a regular file", extra=["--calibration-data", ws.path("calib.npz")])
