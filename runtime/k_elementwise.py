@@ -1,0 +1,294 @@
+"""Elementwise kernels: unary math, broadcasting binary ops, variadic ops, Clip, Cast, Where."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from opc.runtime.registry import kernel, np_dtype, out_if
+from opc.runtime.xp import is_numpy
+
+
+def _unary(op, f):
+    @kernel(op)
+    def build(node, xp):
+        fn = f(xp, node)
+
+        def run(ins, outs, ws):
+            x = ins[0]
+            o = out_if(outs, 0, x.shape, x.dtype)
+            return fn(x, o)
+        return run
+
+
+def _ufunc(name):
+    return lambda xp, node: (lambda x, o: getattr(xp, name)(x, out=o))
+
+
+for _op, _name in [("Abs", "absolute"), ("Neg", "negative"), ("Exp", "exp"), ("Log", "log"), ("Sqrt", "sqrt"),
+                   ("Sin", "sin"), ("Cos", "cos"), ("Tan", "tan"), ("Asin", "arcsin"), ("Acos", "arccos"),
+                   ("Atan", "arctan"), ("Sinh", "sinh"), ("Cosh", "cosh"), ("Tanh", "tanh"), ("Asinh", "arcsinh"),
+                   ("Acosh", "arccosh"), ("Atanh", "arctanh"), ("Floor", "floor"), ("Ceil", "ceil"),
+                   ("Reciprocal", "reciprocal"), ("Sign", "sign"), ("Round", "rint")]:
+    _unary(_op, _ufunc(_name))
+
+
+def _relu(xp, node):
+    return lambda x, o: xp.maximum(x, x.dtype.type(0), out=o)
+
+
+def _sigmoid(xp, node):
+    def f(x, o):
+        o = xp.negative(x, out=o)
+        xp.exp(o, out=o)  # overflow to inf gives the exact limit 0 below
+        o += o.dtype.type(1)
+        return xp.reciprocal(o, out=o)
+    return f
+
+
+def _leaky(xp, node):
+    alpha = node.a("alpha", 0.01)
+    return lambda x, o: xp.where(x >= 0, x, x * x.dtype.type(alpha)).astype(x.dtype, copy=False)
+
+
+def _elu(xp, node):
+    alpha = node.a("alpha", 1.0)
+    return lambda x, o: xp.where(x > 0, x, (xp.exp(xp.minimum(x, 0)) - 1) * alpha).astype(x.dtype, copy=False)
+
+
+def _selu(xp, node):
+    alpha = node.a("alpha", 1.67326319217681884765625)
+    gamma = node.a("gamma", 1.05070102214813232421875)
+    return lambda x, o: (xp.where(x > 0, x, (xp.exp(xp.minimum(x, 0)) - 1) * alpha) * gamma).astype(x.dtype, copy=False)
+
+
+def _celu(xp, node):
+    alpha = node.a("alpha", 1.0)
+    return lambda x, o: (xp.maximum(x, 0) + xp.minimum(0, alpha * (xp.exp(x / alpha) - 1))).astype(x.dtype, copy=False)
+
+
+def _softplus(xp, node):
+    return lambda x, o: (xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.absolute(x)))).astype(x.dtype, copy=False)
+
+
+def _softsign(xp, node):
+    return lambda x, o: (x / (1 + xp.absolute(x))).astype(x.dtype, copy=False)
+
+
+def _hardsigmoid(xp, node):
+    alpha, beta = node.a("alpha", 0.2), node.a("beta", 0.5)
+    return lambda x, o: xp.clip(x * x.dtype.type(alpha) + x.dtype.type(beta), 0, 1).astype(x.dtype, copy=False)
+
+
+def _hardswish(xp, node):
+    return lambda x, o: (x * xp.clip(x / 6 + 0.5, 0, 1)).astype(x.dtype, copy=False)
+
+
+def _thresholded(xp, node):
+    alpha = node.a("alpha", 1.0)
+    return lambda x, o: xp.where(x > alpha, x, 0).astype(x.dtype, copy=False)
+
+
+def _shrink(xp, node):
+    lambd, bias = node.a("lambd", 0.5), node.a("bias", 0.0)
+    return lambda x, o: xp.where(x < -lambd, x + bias, xp.where(x > lambd, x - bias, 0)).astype(x.dtype, copy=False)
+
+
+def _erf(xp, node):
+    if is_numpy(xp):
+        try:
+            from scipy.special import erf as _sp_erf  # noqa: F401
+            return lambda x, o: _sp_erf(x).astype(x.dtype, copy=False)
+        except Exception:
+            pass
+        return lambda x, o: _erf_approx(xp, x)
+    import cupyx.scipy.special as sps  # pragma: no cover - GPU only
+
+    return lambda x, o: sps.erf(x)
+
+
+def _erf_approx(xp, x):
+    # Abramowitz-Stegun 7.1.26 refined: max abs error ~1.2e-7 (W. J. Cody's rational form)
+    xd = x.astype(xp.float64)
+    a = xp.absolute(xd)
+    t = 1.0 / (1.0 + 0.5 * a)
+    y = 1.0 - t * xp.exp(-a * a - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
+    return xp.where(xd >= 0, y, -y).astype(x.dtype)
+
+
+def _gelu(xp, node):
+    approx = node.a("approximate", "none")
+    erf = _erf(xp, node)
+    if approx == "tanh":
+        return lambda x, o: (0.5 * x * (1 + xp.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))).astype(x.dtype, copy=False)
+    return lambda x, o: (0.5 * x * (1 + erf(x / np.sqrt(2.0), None))).astype(x.dtype, copy=False)
+
+
+def _not(xp, node):
+    return lambda x, o: xp.logical_not(x, out=o)
+
+
+def _isnan(xp, node):
+    return lambda x, o: xp.isnan(x)
+
+
+def _isinf(xp, node):
+    pos, neg = node.a("detect_positive", 1), node.a("detect_negative", 1)
+    return lambda x, o: (xp.isinf(x) & ((x > 0) if pos else False) | (xp.isinf(x) & ((x < 0) if neg else False)))
+
+
+def _bitnot(xp, node):
+    return lambda x, o: xp.invert(x)
+
+
+for _op, _f in [("Relu", _relu), ("Sigmoid", _sigmoid), ("LeakyRelu", _leaky), ("Elu", _elu), ("Selu", _selu),
+                ("Celu", _celu), ("Softplus", _softplus), ("Softsign", _softsign), ("HardSigmoid", _hardsigmoid),
+                ("HardSwish", _hardswish), ("ThresholdedRelu", _thresholded), ("Shrink", _shrink), ("Erf", _erf),
+                ("Gelu", _gelu), ("Not", _not), ("IsNaN", _isnan), ("IsInf", _isinf), ("BitwiseNot", _bitnot)]:
+    _unary(_op, _f)
+
+
+@kernel("Mish")
+def _mish(node, xp):
+    return lambda ins, outs, ws: (ins[0] * xp.tanh(xp.maximum(ins[0], 0) + xp.log1p(xp.exp(-xp.absolute(ins[0]))))
+                                  ).astype(ins[0].dtype, copy=False)
+
+
+@kernel("PRelu")
+def _prelu(node, xp):
+    def run(ins, outs, ws):
+        x, s = ins
+        return xp.where(x >= 0, x, x * s).astype(x.dtype, copy=False)
+    return run
+
+
+def _bshape(a, b):
+    return np.broadcast_shapes(a.shape, b.shape)
+
+
+_ARITH = {"Add": "add", "Sub": "subtract", "Mul": "multiply", "Pow": "power", "And": "logical_and",
+          "Or": "logical_or", "Xor": "logical_xor", "Equal": "equal", "Less": "less", "Greater": "greater",
+          "LessOrEqual": "less_equal", "GreaterOrEqual": "greater_equal", "BitwiseAnd": "bitwise_and",
+          "BitwiseOr": "bitwise_or", "BitwiseXor": "bitwise_xor"}
+
+
+def _binary(op, name):
+    @kernel(op)
+    def build(node, xp):
+        f = getattr(xp, name)
+        compare = op in ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor")
+
+        def run(ins, outs, ws):
+            a, b = ins
+            if compare:
+                return f(a, b, out=out_if(outs, 0, _bshape(a, b), np.dtype(bool)))
+            if op == "Pow":
+                return f(a, b.astype(a.dtype) if b.dtype != a.dtype else b).astype(a.dtype, copy=False)
+            return f(a, b, out=out_if(outs, 0, _bshape(a, b), a.dtype))
+        return run
+
+
+for _op, _name in _ARITH.items():
+    _binary(_op, _name)
+
+
+@kernel("Div")
+def _div(node, xp):
+    def run(ins, outs, ws):
+        a, b = ins
+        if a.dtype.kind in "iu":
+            return xp.trunc(a / b).astype(a.dtype) if a.dtype.kind == "i" else xp.floor_divide(a, b)
+        return xp.divide(a, b, out=out_if(outs, 0, _bshape(a, b), a.dtype))
+    return run
+
+
+@kernel("Mod")
+def _mod(node, xp):
+    fmod = node.a("fmod", 0)
+
+    def run(ins, outs, ws):
+        a, b = ins
+        return (xp.fmod(a, b) if fmod else xp.mod(a, b)).astype(a.dtype, copy=False)
+    return run
+
+
+@kernel("BitShift")
+def _bitshift(node, xp):
+    left = node.a("direction") == "LEFT"
+    return lambda ins, outs, ws: (xp.left_shift if left else xp.right_shift)(ins[0], ins[1])
+
+
+def _variadic(op, name):
+    @kernel(op)
+    def build(node, xp):
+        f = getattr(xp, name)
+
+        def run(ins, outs, ws):
+            ins = [i for i in ins if i is not None]
+            if len(ins) == 1:
+                return ins[0].copy()
+            shape = np.broadcast_shapes(*[i.shape for i in ins])
+            # with 3+ inputs the output may sit over a later input: accumulate separately then
+            o = out_if(outs, 0, shape, ins[0].dtype) if len(ins) == 2 else None
+            acc = f(ins[0], ins[1], out=o)
+            for x in ins[2:]:
+                acc = f(acc, x, out=acc if acc.shape == shape else None)
+            if op == "Mean":
+                acc = xp.divide(acc, acc.dtype.type(len(ins)), out=acc)
+            return acc
+        return run
+
+
+for _op, _name in [("Sum", "add"), ("Max", "maximum"), ("Min", "minimum"), ("Mean", "add")]:
+    _variadic(_op, _name)
+
+
+@kernel("Clip")
+def _clip(node, xp):
+    lo_attr, hi_attr = node.a("min"), node.a("max")
+
+    def run(ins, outs, ws):
+        x = ins[0]
+        lo = ins[1] if len(ins) > 1 and ins[1] is not None else lo_attr
+        hi = ins[2] if len(ins) > 2 and ins[2] is not None else hi_attr
+        o = out_if(outs, 0, x.shape, x.dtype)
+        y = x
+        if lo is not None:
+            y = xp.maximum(y, xp.asarray(lo, dtype=x.dtype), out=o)
+        if hi is not None:
+            y = xp.minimum(y, xp.asarray(hi, dtype=x.dtype), out=o)
+        if y is x:
+            y = x.copy()
+        return y
+    return run
+
+
+@kernel("Cast")
+def _cast(node, xp):
+    to = np_dtype(node.a("to"))
+    if to.kind in "OUS":
+        node.fail("casting to strings is not supported")
+
+    def run(ins, outs, ws):
+        x = ins[0]
+        if x.dtype.kind in "OUS":
+            return xp.asarray(np.asarray(x).astype(np.float64).astype(to))
+        o = out_if(outs, 0, x.shape, to)
+        if o is not None:
+            xp.copyto(o, x, casting="unsafe")
+            return o
+        return x.astype(to)
+    return run
+
+
+@kernel("CastLike")
+def _castlike(node, xp):
+    return lambda ins, outs, ws: ins[0].astype(ins[1].dtype)
+
+
+@kernel("Where")
+def _where(node, xp):
+    def run(ins, outs, ws):
+        c, a, b = ins
+        return xp.where(c, a, b)
+    return run

@@ -1,0 +1,632 @@
+"""Neural-network kernels: Conv, ConvTranspose, pooling, normalizations, Gemm, MatMul, Softmax.
+
+Conv keeps NCHW between ops. Its fast path (2-D, stride 1) gathers patches on the padded
+width: for kernel offset (i, j) the patch row of channel c is the contiguous run
+``xpad[c].flat[i*Wp + j : i*Wp + j + Ho*Wp]``, so the gather is kh*kw contiguous block copies
+and one GEMM gives (M, Ho, Wp); the Wp - Wo junk columns are dropped while adding the bias.
+Strided convs gather exact patches, 1x1 convs are a GEMM on the input itself, depthwise
+convs are kh*kw multiply-adds. Scratch lives in the planner's workspace when one is given.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from opc.runtime.registry import kernel, out_if
+
+CHUNK_BYTES = 8 << 20  # target size of one batch chunk's im2col buffer
+
+
+# ---------------------------------------------------------------- geometry
+def _pads(node, spatial, kernel_shape, strides, dilations, ceil_mode=False):
+    n = len(spatial)
+    auto = node.a("auto_pad", "NOTSET")
+    pads = list(node.a("pads") or [0] * (2 * n))
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * (2 * n)
+        for i in range(n):
+            out = -(-spatial[i] // strides[i])
+            total = max(0, (out - 1) * strides[i] + (kernel_shape[i] - 1) * dilations[i] + 1 - spatial[i])
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + n] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    elif auto == "VALID":
+        pads = [0] * (2 * n)
+    outs = []
+    for i in range(n):
+        span = spatial[i] + pads[i] + pads[i + n] - ((kernel_shape[i] - 1) * dilations[i] + 1)
+        if ceil_mode:
+            o = -(-span // strides[i]) + 1
+            if (o - 1) * strides[i] >= spatial[i] + pads[i]:
+                o -= 1
+        else:
+            o = span // strides[i] + 1
+        outs.append(max(o, 0))
+    return pads, outs
+
+
+def _geom(node, x_shape, kernel_shape, ceil_mode=False):
+    n = len(x_shape) - 2
+    strides = list(node.a("strides") or [1] * n)
+    dil = list(node.a("dilations") or [1] * n)
+    pads, outs = _pads(node, list(x_shape[2:]), kernel_shape, strides, dil, ceil_mode)
+    return strides, dil, pads, outs
+
+
+def _window(k, d, s, o):
+    return slice(k * d, k * d + s * (o - 1) + 1, s)
+
+
+def _take(ws, offset, shape, dtype, xp):
+    """A view of ``shape`` from workspace bytes at ``offset`` (or a fresh array)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if ws is not None and offset + nbytes <= ws.size:
+        return ws[offset:offset + nbytes].view(dtype).reshape(shape), offset + _align(nbytes)
+    return xp.empty(shape, dtype=dtype), offset
+
+
+def _align(n):
+    return (n + 63) // 64 * 64
+
+
+# ---------------------------------------------------------------- Conv
+def _conv_plan(node, x_shape, w_shape, itemsize):
+    """How a conv runs for these shapes, and the scratch bytes it needs."""
+    N, C = x_shape[:2]
+    M = w_shape[0]
+    K = list(w_shape[2:])
+    g = node.a("group", 1)
+    strides, dil, pads, outs = _geom(node, x_shape, K)
+    nsp = len(K)
+    padded = any(pads)
+    prodO = int(np.prod(outs))
+    if g == C and M == C and g > 1:
+        padn = N * C * int(np.prod([x_shape[2 + i] + pads[i] + pads[i + nsp] for i in range(nsp)])) if padded else 0
+        return dict(kind="depthwise", strides=strides, dil=dil, pads=pads, outs=outs,
+                    ws=_align(padn * itemsize) + _align(N * C * prodO * itemsize))
+    if all(k == 1 for k in K) and not padded and g == 1:
+        sub = 0 if all(s == 1 for s in strides) else N * C * prodO
+        return dict(kind="gemm", strides=strides, dil=dil, pads=pads, outs=outs, ws=_align(sub * itemsize))
+    Cg = C // g
+    prodK = int(np.prod(K))
+    if nsp == 2 and strides == [1, 1]:
+        Hp, Wp = x_shape[2] + pads[0] + pads[2], x_shape[3] + pads[1] + pads[3]
+        slack = (K[1] - 1) * dil[1]
+        per_img = _align((C * Hp * Wp + slack) * itemsize) + _align(Cg * prodK * outs[0] * Wp * itemsize) \
+            + _align(M * outs[0] * Wp * itemsize)
+        return dict(kind="wide", strides=strides, dil=dil, pads=pads, outs=outs, ws=per_img, Hp=Hp, Wp=Wp)
+    spatial_p = [x_shape[2 + i] + pads[i] + pads[i + nsp] for i in range(nsp)]
+    per_img = (C * int(np.prod(spatial_p)) if padded else 0)
+    chunk = max(1, min(N, CHUNK_BYTES // max(1, Cg * prodK * prodO * itemsize)))
+    ws = _align(chunk * per_img * itemsize) + _align(chunk * Cg * prodK * prodO * itemsize)
+    return dict(kind="im2col", strides=strides, dil=dil, pads=pads, outs=outs, ws=ws, chunk=chunk)
+
+
+def conv_workspace(node, shapes, dtypes):
+    if len(shapes) < 2 or shapes[0] is None or shapes[1] is None:
+        return 0
+    return _conv_plan(node, shapes[0], shapes[1], np.dtype(dtypes[0]).itemsize)["ws"]
+
+
+def _pad_into(xp, dst, x, pads, value=0):
+    """Write ``x`` into the centre of ``dst`` (N, C, *padded) and fill the border with ``value``."""
+    n = x.ndim - 2
+    centre = (slice(None), slice(None)) + tuple(slice(pads[i], pads[i] + x.shape[2 + i]) for i in range(n))
+    for i in range(n):
+        lo = (slice(None),) * (2 + i) + (slice(0, pads[i]),)
+        hi = (slice(None),) * (2 + i) + (slice(pads[i] + x.shape[2 + i], None),)
+        if pads[i]:
+            dst[lo] = value
+        if dst.shape[2 + i] > pads[i] + x.shape[2 + i]:
+            dst[hi] = value
+    dst[centre] = x
+    return dst
+
+
+@kernel("Conv", workspace=conv_workspace)
+def _conv(node, xp):
+    cache = {}
+
+    def run(ins, outs, ws):
+        x, w = ins[0], ins[1]
+        b = ins[2] if len(ins) > 2 else None
+        key = (x.shape, w.shape)
+        p = cache.get(key)
+        if p is None:
+            p = cache[key] = _conv_plan(node, x.shape, w.shape, x.dtype.itemsize)
+        N, C = x.shape[:2]
+        M = w.shape[0]
+        oshape = (N, M, *p["outs"])
+        y = out_if(outs, 0, oshape, x.dtype)
+        if y is None:
+            y = xp.empty(oshape, dtype=x.dtype)
+        kind = p["kind"]
+        if kind == "gemm":
+            src = x
+            if any(s != 1 for s in p["strides"]):
+                sub, _ = _take(ws, 0, (N, C, *p["outs"]), x.dtype, xp)
+                sub[...] = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in p["strides"])]
+                src = sub
+            xp.matmul(w.reshape(M, C), src.reshape(N, C, -1), out=y.reshape(N, M, -1))
+            if b is not None:
+                y += b.reshape((M,) + (1,) * len(p["outs"]))
+            return y
+        if kind == "depthwise":
+            return _depthwise(xp, x, w, b, y, p, ws)
+        if kind == "wide":
+            return _conv_wide(xp, node, x, w, b, y, p, ws)
+        return _conv_im2col(xp, node, x, w, b, y, p, ws)
+    return run
+
+
+def _conv_wide(xp, node, x, w, b, y, p, ws):
+    N, C, H, W = x.shape
+    M, Cg, kh, kw = w.shape
+    g = node.a("group", 1)
+    Mg = M // g
+    Ho, Wo = p["outs"]
+    Hp, Wp = p["Hp"], p["Wp"]
+    dh, dw = p["dil"]
+    pads = p["pads"]
+    L = Ho * Wp
+    slack = (kw - 1) * dw
+    flat, off = _take(ws, 0, (C * Hp * Wp + slack,), x.dtype, xp)
+    cols, off = _take(ws, off, (Cg, kh * kw, L), x.dtype, xp)
+    acc, off = _take(ws, off, (Mg, Ho, Wp), x.dtype, xp)
+    if slack:
+        flat[C * Hp * Wp:] = 0
+    xpad = flat[:C * Hp * Wp].reshape(1, C, Hp, Wp)
+    src = flat[:C * Hp * Wp].reshape(C, Hp * Wp)
+    wg = w.reshape(g, Mg, Cg * kh * kw)
+    bias = b.reshape(M, 1, 1) if b is not None else None
+    for n in range(N):
+        _pad_into(xp, xpad, x[n:n + 1], [pads[0], pads[1], pads[2], pads[3]])
+        for gi in range(g):
+            s = src[gi * Cg:(gi + 1) * Cg]
+            for i in range(kh):
+                for j in range(kw):
+                    o = i * dh * Wp + j * dw
+                    if o + L <= Hp * Wp:
+                        cols[:, i * kw + j, :] = s[:, o:o + L]
+                    else:  # the last rows run into the next channel / slack: junk columns only
+                        base = gi * Cg * Hp * Wp + o
+                        for c in range(Cg):
+                            cols[c, i * kw + j, :] = flat[base + c * Hp * Wp: base + c * Hp * Wp + L]
+            xp.matmul(wg[gi], cols.reshape(Cg * kh * kw, L), out=acc.reshape(Mg, L))
+            dst = y[n, gi * Mg:(gi + 1) * Mg]
+            if bias is not None:
+                xp.add(acc[:, :, :Wo], bias[gi * Mg:(gi + 1) * Mg], out=dst)
+            else:
+                dst[...] = acc[:, :, :Wo]
+    return y
+
+
+def _conv_im2col(xp, node, x, w, b, y, p, ws):
+    N, C = x.shape[:2]
+    M = w.shape[0]
+    K = w.shape[2:]
+    nsp = len(K)
+    g = node.a("group", 1)
+    Cg, Mg = C // g, M // g
+    outs, strides, dil, pads = p["outs"], p["strides"], p["dil"], p["pads"]
+    prodK, prodO = int(np.prod(K)), int(np.prod(outs))
+    chunk = p["chunk"]
+    padded = any(pads)
+    sp = [x.shape[2 + i] + pads[i] + pads[i + nsp] for i in range(nsp)]
+    off = 0
+    if padded:
+        xpad_buf, off = _take(ws, 0, (chunk, C, *sp), x.dtype, xp)
+    cols_buf, off = _take(ws, off, (chunk, Cg, prodK, prodO), x.dtype, xp)
+    wg = w.reshape(g, Mg, Cg * prodK)
+    yv = y.reshape(N, M, prodO)
+    for n0 in range(0, N, chunk):
+        nb = min(chunk, N - n0)
+        xs = x[n0:n0 + nb]
+        if padded:
+            xs = _pad_into(xp, xpad_buf[:nb], xs, pads)
+        cols = cols_buf[:nb]
+        cv = cols.reshape(nb, Cg, prodK, *outs)
+        for gi in range(g):
+            xg = xs[:, gi * Cg:(gi + 1) * Cg]
+            for ki, kk in enumerate(itertools.product(*[range(k) for k in K])):
+                sl = tuple(_window(kk[i], dil[i], strides[i], outs[i]) for i in range(nsp))
+                cv[:, :, ki] = xg[(slice(None), slice(None)) + sl]
+            xp.matmul(wg[gi], cols.reshape(nb, Cg * prodK, prodO), out=yv[n0:n0 + nb, gi * Mg:(gi + 1) * Mg])
+    if b is not None:
+        y += b.reshape((M,) + (1,) * nsp)
+    return y
+
+
+def _depthwise(xp, x, w, b, y, p, ws):
+    N, C = x.shape[:2]
+    K = w.shape[2:]
+    nsp = len(K)
+    outs, strides, dil, pads = p["outs"], p["strides"], p["dil"], p["pads"]
+    off = 0
+    if any(pads):
+        sp = [x.shape[2 + i] + pads[i] + pads[i + nsp] for i in range(nsp)]
+        xpad, off = _take(ws, 0, (N, C, *sp), x.dtype, xp)
+        x = _pad_into(xp, xpad, x, pads)
+    tmp, off = _take(ws, off, y.shape, x.dtype, xp)
+    first = True
+    for kk in itertools.product(*[range(k) for k in K]):
+        sl = tuple(_window(kk[i], dil[i], strides[i], outs[i]) for i in range(nsp))
+        wk = w[(slice(None), 0) + kk].reshape((1, C) + (1,) * nsp)
+        v = x[(slice(None), slice(None)) + sl]
+        if first:
+            xp.multiply(v, wk, out=y)
+            first = False
+        else:
+            xp.multiply(v, wk, out=tmp)
+            y += tmp
+    if b is not None:
+        y += b.reshape((C,) + (1,) * nsp)
+    return y
+
+
+# ---------------------------------------------------------------- ConvTranspose
+@kernel("ConvTranspose")
+def _conv_transpose(node, xp):
+    def run(ins, outs, ws):
+        x, w = ins[0], ins[1]
+        b = ins[2] if len(ins) > 2 else None
+        N, C = x.shape[:2]
+        g = node.a("group", 1)
+        Mg = w.shape[1]
+        K = list(w.shape[2:])
+        n = len(K)
+        S = list(x.shape[2:])
+        strides = list(node.a("strides") or [1] * n)
+        dil = list(node.a("dilations") or [1] * n)
+        opad = list(node.a("output_padding") or [0] * n)
+        pads = list(node.a("pads") or [0] * (2 * n))
+        oshape = node.a("output_shape")
+        auto = node.a("auto_pad", "NOTSET")
+        full = [(S[i] - 1) * strides[i] + (K[i] - 1) * dil[i] + 1 + opad[i] for i in range(n)]
+        if oshape is not None:
+            oshape = list(oshape)[-n:]
+            for i in range(n):
+                total = full[i] - oshape[i]
+                if auto == "SAME_UPPER":
+                    pads[i], pads[i + n] = total // 2, total - total // 2
+                else:
+                    pads[i], pads[i + n] = total - total // 2, total // 2
+        elif auto in ("SAME_UPPER", "SAME_LOWER"):
+            for i in range(n):
+                total = max(0, full[i] - S[i] * strides[i])
+                if auto == "SAME_UPPER":
+                    pads[i], pads[i + n] = total // 2, total - total // 2
+                else:
+                    pads[i], pads[i + n] = total - total // 2, total // 2
+        # col2im: one GEMM per group, then scatter-add of each kernel offset
+        Cg = C // g
+        buf = xp.zeros((N, g * Mg, *full), dtype=x.dtype)
+        xr = x.reshape(N, g, Cg, -1)
+        for gi in range(g):
+            wg = w[gi * Cg:(gi + 1) * Cg].reshape(Cg, -1)  # (Cg, Mg*prodK)
+            cols = xp.matmul(wg.T, xr[:, gi])  # (N, Mg*prodK, prodS)
+            cols = cols.reshape(N, Mg, *K, *S)
+            for kk in itertools.product(*[range(k) for k in K]):
+                sl = tuple(slice(kk[i] * dil[i], kk[i] * dil[i] + strides[i] * (S[i] - 1) + 1, strides[i])
+                           for i in range(n))
+                buf[(slice(None), slice(gi * Mg, (gi + 1) * Mg)) + sl] += cols[(slice(None), slice(None)) + kk]
+        crop = tuple(slice(pads[i], full[i] - pads[i + n]) for i in range(n))
+        y = buf[(slice(None), slice(None)) + crop]
+        if b is not None:
+            y = y + b.reshape((-1,) + (1,) * n)
+        return xp.ascontiguousarray(y)
+    return run
+
+
+# ---------------------------------------------------------------- pooling
+def _pool(xp, node, x, kind, K, p_norm=2):
+    nsp = x.ndim - 2
+    ceil_mode = bool(node.a("ceil_mode", 0))
+    strides, dil, pads, outs = _geom(node, x.shape, K, ceil_mode)
+    sp = []
+    for i in range(nsp):
+        need = (outs[i] - 1) * strides[i] + (K[i] - 1) * dil[i] + 1
+        sp.append(max(x.shape[2 + i] + pads[i] + pads[i + nsp], need))
+    pads_ext = list(pads)
+    for i in range(nsp):
+        pads_ext[i + nsp] = sp[i] - x.shape[2 + i] - pads[i]
+    if kind == "max":
+        fill = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+    else:
+        fill = 0
+    if any(pads_ext):
+        xp_ = xp.empty((*x.shape[:2], *sp), dtype=x.dtype)
+        _pad_into(xp, xp_, x, pads_ext, fill)
+    else:
+        xp_ = x
+    if kind == "lp":
+        xp_ = xp.absolute(xp_) ** p_norm
+    y = None
+    for kk in itertools.product(*[range(k) for k in K]):
+        sl = (slice(None), slice(None)) + tuple(_window(kk[i], dil[i], strides[i], outs[i]) for i in range(nsp))
+        v = xp_[sl]
+        if y is None:
+            y = v.copy()
+        elif kind == "max":
+            xp.maximum(y, v, out=y)
+        else:
+            y += v
+    if kind == "lp":
+        return (y ** (1.0 / p_norm)).astype(x.dtype, copy=False)
+    if kind == "avg":
+        include = bool(node.a("count_include_pad", 0))
+        mask = np.zeros(sp, dtype=np.float64)
+        if include:
+            inner = tuple(slice(0, min(sp[i], pads[i] + x.shape[2 + i] + pads[i + nsp])) for i in range(nsp))
+        else:
+            inner = tuple(slice(pads[i], pads[i] + x.shape[2 + i]) for i in range(nsp))
+        mask[inner] = 1
+        cnt = None
+        for kk in itertools.product(*[range(k) for k in K]):
+            v = mask[tuple(_window(kk[i], dil[i], strides[i], outs[i]) for i in range(nsp))]
+            cnt = v.copy() if cnt is None else cnt + v
+        y /= xp.asarray(np.maximum(cnt, 1).astype(x.dtype))
+    return y
+
+
+def _max_indices(xp, node, x, K):
+    nsp = x.ndim - 2
+    ceil_mode = bool(node.a("ceil_mode", 0))
+    strides, dil, pads, outs = _geom(node, x.shape, K, ceil_mode)
+    spatial = x.shape[2:]
+    n_sp = int(np.prod(spatial))
+    if node.a("storage_order", 0):  # column-major numbering of the spatial positions
+        sflat = np.arange(n_sp, dtype=np.int64).reshape(spatial[::-1]).transpose()
+    else:
+        sflat = np.arange(n_sp, dtype=np.int64).reshape(spatial)
+    base = (np.arange(x.shape[0] * x.shape[1], dtype=np.int64) * int(np.prod(spatial))).reshape(x.shape[:2] + (1,) * nsp)
+    idx = xp.asarray(base + sflat)
+    sp = [max(x.shape[2 + i] + pads[i] + pads[i + nsp], (outs[i] - 1) * strides[i] + (K[i] - 1) * dil[i] + 1)
+          for i in range(nsp)]
+    pe = list(pads)
+    for i in range(nsp):
+        pe[i + nsp] = sp[i] - x.shape[2 + i] - pads[i]
+    fill = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+    xpad = _pad_into(xp, xp.empty((*x.shape[:2], *sp), dtype=x.dtype), x, pe, fill)
+    ipad = _pad_into(xp, xp.empty((*x.shape[:2], *sp), dtype=np.int64), idx, pe, -1)
+    best = bi = None
+    for kk in itertools.product(*[range(k) for k in K]):
+        sl = (slice(None), slice(None)) + tuple(_window(kk[i], dil[i], strides[i], outs[i]) for i in range(nsp))
+        v, iv = xpad[sl], ipad[sl]
+        if best is None:
+            best, bi = v.copy(), iv.copy()
+        else:
+            upd = v > best
+            best = xp.where(upd, v, best)
+            bi = xp.where(upd, iv, bi)
+    return best, bi
+
+
+@kernel("MaxPool")
+def _maxpool(node, xp):
+    K = list(node.a("kernel_shape"))
+
+    def run(ins, outs, ws):
+        if len(node.outputs) > 1 and node.outputs[1]:
+            return list(_max_indices(xp, node, ins[0], K))
+        return _pool(xp, node, ins[0], "max", K)
+    return run
+
+
+@kernel("AveragePool")
+def _avgpool(node, xp):
+    K = list(node.a("kernel_shape"))
+    return lambda ins, outs, ws: _pool(xp, node, ins[0], "avg", K)
+
+
+@kernel("LpPool")
+def _lppool(node, xp):
+    K = list(node.a("kernel_shape"))
+    p = node.a("p", 2)
+    return lambda ins, outs, ws: _pool(xp, node, ins[0], "lp", K, p)
+
+
+@kernel("GlobalAveragePool")
+def _gap(node, xp):
+    def run(ins, outs, ws):
+        x = ins[0]
+        axes = tuple(range(2, x.ndim))
+        shape = x.shape[:2] + (1,) * len(axes)
+        o = out_if(outs, 0, shape, x.dtype)
+        return xp.mean(x, axis=axes, keepdims=True, out=o)
+    return run
+
+
+@kernel("GlobalMaxPool")
+def _gmp(node, xp):
+    return lambda ins, outs, ws: xp.max(ins[0], axis=tuple(range(2, ins[0].ndim)), keepdims=True)
+
+
+@kernel("GlobalLpPool")
+def _glp(node, xp):
+    p = node.a("p", 2)
+    return lambda ins, outs, ws: (xp.sum(xp.absolute(ins[0]) ** p, axis=tuple(range(2, ins[0].ndim)),
+                                         keepdims=True) ** (1.0 / p)).astype(ins[0].dtype, copy=False)
+
+
+# ---------------------------------------------------------------- normalization
+@kernel("BatchNormalization")
+def _bn(node, xp):
+    eps = node.a("epsilon", 1e-5)
+    cache = {}
+
+    def run(ins, outs, ws):
+        x, scale, bias, mean, var = ins[:5]
+        key = (id(scale), id(bias), id(mean), id(var))
+        ent = cache.get(key)
+        if ent is None or ent[0] is not scale:
+            s = scale / xp.sqrt(var + eps)
+            t = bias - mean * s
+            shp = (1, -1) + (1,) * (x.ndim - 2)
+            ent = cache[key] = (scale, s.astype(x.dtype).reshape(shp), t.astype(x.dtype).reshape(shp))
+        o = out_if(outs, 0, x.shape, x.dtype)
+        y = xp.multiply(x, ent[1], out=o)
+        y += ent[2]
+        return y
+    return run
+
+
+@kernel("InstanceNormalization")
+def _instnorm(node, xp):
+    eps = node.a("epsilon", 1e-5)
+
+    def run(ins, outs, ws):
+        x, s, b = ins
+        axes = tuple(range(2, x.ndim))
+        m = x.mean(axis=axes, keepdims=True)
+        v = ((x - m) ** 2).mean(axis=axes, keepdims=True)
+        shp = (1, -1) + (1,) * (x.ndim - 2)
+        return ((x - m) / xp.sqrt(v + eps) * s.reshape(shp) + b.reshape(shp)).astype(x.dtype, copy=False)
+    return run
+
+
+@kernel("LayerNormalization")
+def _layernorm(node, xp):
+    eps = node.a("epsilon", 1e-5)
+    axis0 = node.a("axis", -1)
+
+    def run(ins, outs, ws):
+        x, s = ins[0], ins[1]
+        b = ins[2] if len(ins) > 2 else None
+        axis = axis0 % x.ndim
+        axes = tuple(range(axis, x.ndim))
+        xf = x.astype(xp.float32) if x.dtype != np.float32 and x.dtype != np.float64 else x
+        m = xf.mean(axis=axes, keepdims=True)
+        d = xf - m
+        v = (d * d).mean(axis=axes, keepdims=True)
+        inv = 1.0 / xp.sqrt(v + eps)
+        d *= inv
+        y = d * s
+        if b is not None:
+            y += b
+        res = [y.astype(x.dtype, copy=False)]
+        if len(node.outputs) > 1:
+            res.append(m)
+        if len(node.outputs) > 2:
+            res.append(inv)
+        return res
+    return run
+
+
+@kernel("LRN")
+def _lrn(node, xp):
+    size = node.a("size")
+    alpha, beta, bias = node.a("alpha", 1e-4), node.a("beta", 0.75), node.a("bias", 1.0)
+
+    def run(ins, outs, ws):
+        x = ins[0]
+        C = x.shape[1]
+        lo, hi = (size - 1) // 2, -(-(size - 1) // 2)
+        sq = x * x
+        acc = xp.zeros_like(x)
+        for d in range(-lo, hi + 1):
+            a0, a1 = max(0, -d), min(C, C - d)
+            if a1 > a0:
+                acc[:, a0:a1] += sq[:, a0 + d:a1 + d]
+        acc *= alpha / size
+        acc += bias
+        return (x / acc ** beta).astype(x.dtype, copy=False)
+    return run
+
+
+@kernel("LpNormalization")
+def _lpnorm(node, xp):
+    axis, p = node.a("axis", -1), node.a("p", 2)
+
+    def run(ins, outs, ws):
+        x = ins[0]
+        n = xp.sum(xp.absolute(x) ** p, axis=axis, keepdims=True) ** (1.0 / p)
+        return (x / xp.where(n == 0, 1, n)).astype(x.dtype, copy=False)
+    return run
+
+
+@kernel("MeanVarianceNormalization")
+def _mvn(node, xp):
+    axes = tuple(node.a("axes", [0, 2, 3]))
+
+    def run(ins, outs, ws):
+        x = ins[0]
+        m = x.mean(axis=axes, keepdims=True)
+        v = ((x - m) ** 2).mean(axis=axes, keepdims=True)
+        return ((x - m) / (xp.sqrt(v) + 1e-9)).astype(x.dtype, copy=False)
+    return run
+
+
+# ---------------------------------------------------------------- GEMM family
+@kernel("Gemm")
+def _gemm(node, xp):
+    ta, tb = node.a("transA", 0), node.a("transB", 0)
+    alpha, beta = node.a("alpha", 1.0), node.a("beta", 1.0)
+
+    def run(ins, outs, ws):
+        a, b = ins[0], ins[1]
+        c = ins[2] if len(ins) > 2 else None
+        a = a.T if ta else a
+        b = b.T if tb else b
+        shape = (a.shape[0], b.shape[1])
+        o = out_if(outs, 0, shape, a.dtype)
+        y = xp.matmul(a, b, out=o)
+        if alpha != 1.0:
+            y *= a.dtype.type(alpha)
+        if c is not None and beta != 0:
+            if beta == 1.0:
+                y += c
+            else:
+                y += c * a.dtype.type(beta)
+        return y
+    return run
+
+
+@kernel("MatMul")
+def _matmul(node, xp):
+    def run(ins, outs, ws):
+        a, b = ins
+        if a.ndim >= 2 and b.ndim >= 2:
+            shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+            return xp.matmul(a, b, out=out_if(outs, 0, shape, a.dtype))
+        return xp.matmul(a, b)
+    return run
+
+
+# ---------------------------------------------------------------- softmax family
+def _softmax_axis(node, x):
+    default = -1 if node.opset >= 13 else 1
+    return node.a("axis", default) % max(x.ndim, 1)
+
+
+@kernel("Softmax", "LogSoftmax", "Hardmax")
+def _softmax(node, xp):
+    op = node.op_type
+
+    def run(ins, outs, ws):
+        x = ins[0]
+        axis = _softmax_axis(node, x)
+        if node.opset < 13:  # coerced to 2-D at `axis`
+            x2 = x.reshape(int(np.prod(x.shape[:axis])), -1)
+            return _sm(xp, op, x2, 1, None).reshape(x.shape)
+        return _sm(xp, op, x, axis, out_if(outs, 0, x.shape, x.dtype))
+    return run
+
+
+def _sm(xp, op, x, axis, o):
+    if op == "Hardmax":
+        idx = xp.argmax(x, axis=axis)
+        y = xp.zeros_like(x)
+        xp.put_along_axis(y, xp.expand_dims(idx, axis), 1, axis=axis)
+        return y
+    m = xp.max(x, axis=axis, keepdims=True)
+    e = xp.subtract(x, m, out=o)
+    if op == "LogSoftmax":
+        s = xp.log(xp.sum(xp.exp(e), axis=axis, keepdims=True))
+        e -= s
+        return e
+    xp.exp(e, out=e)
+    s = xp.sum(e, axis=axis, keepdims=True)
+    e /= s
+    return e

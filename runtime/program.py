@@ -1,0 +1,235 @@
+"""A graph compiled to a flat list of kernel calls over numbered value slots.
+
+Load time: every node becomes a ``Step`` (kernel closure, input slots, output slots); an
+unsupported op fails here with one line naming it. Subgraphs (If/Loop/Scan bodies) are
+compiled the same way; the names they read from enclosing scopes become extra inputs of
+the node that owns them (``node.captures``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from opc.errors import ModelError
+from opc.runtime import registry
+from opc.runtime.registry import KERNELS, Node, attr_value
+
+_CONTROL_GRAPH_ATTRS = ("then_branch", "else_branch", "body")
+
+
+@dataclass
+class Step:
+    node: Node
+    spec: registry.Spec
+    fn: object
+    ins: list[int]
+    outs: list[int]
+    index: int = 0  # position of the node in graph.node
+
+
+@dataclass
+class Program:
+    xp: object
+    slots: dict[str, int] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    inputs: list[int] = field(default_factory=list)  # fed slots (graph inputs), in order
+    input_names: list[str] = field(default_factory=list)
+    outputs: list[int] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+    consts: dict[int, object] = field(default_factory=dict)  # initializer slot -> device array
+    captures: list[str] = field(default_factory=list)  # names read from enclosing scopes
+    capture_slots: list[int] = field(default_factory=list)
+    release: list[list[int]] = field(default_factory=list)  # slots dead after each step
+    folded: int = 0  # steps computed once at load (constant inputs only)
+
+    def slot(self, name: str) -> int:
+        s = self.slots.get(name)
+        if s is None:
+            s = self.slots[name] = len(self.names)
+            self.names.append(name)
+        return s
+
+    def run(self, feeds: list, captured: list | None = None) -> list:
+        """Execute without preallocated outputs (subgraphs, traces)."""
+        vals = [None] * len(self.names)
+        for s, v in self.consts.items():
+            vals[s] = v
+        for s, v in zip(self.inputs, feeds):
+            vals[s] = v
+        for s, v in zip(self.capture_slots, captured or []):
+            vals[s] = v
+        for step, dead in zip(self.steps, self.release):
+            res = step.fn([vals[i] if i >= 0 else None for i in step.ins], None, None)
+            _store(vals, step, res)
+            for s in dead:
+                vals[s] = None
+        return [vals[s] for s in self.outputs]
+
+
+def _store(vals, step, res):
+    if not isinstance(res, (list, tuple)):
+        res = (res,)
+    for s, r in zip(step.outs, res):
+        if s >= 0:
+            vals[s] = r
+
+
+def opset_map(model_or_opsets) -> dict[str, int]:
+    ops = model_or_opsets.opset_import if isinstance(model_or_opsets, onnx.ModelProto) else model_or_opsets
+    m = {}
+    for o in ops:
+        m["" if o.domain in ("", "ai.onnx") else o.domain] = o.version
+    return m
+
+
+def unsupported_ops(graph: onnx.GraphProto) -> list[str]:
+    bad = []
+
+    def walk(g):
+        for n in g.node:
+            dom = "" if n.domain in ("", "ai.onnx") else n.domain
+            if (dom, n.op_type) not in KERNELS:
+                label = n.op_type if not dom else f"{dom}.{n.op_type}"
+                bad.append(f"{label} (node '{n.name or n.output[0]}')")
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+                for g2 in a.graphs:
+                    walk(g2)
+    walk(graph)
+    return bad
+
+
+def compile_graph(graph: onnx.GraphProto, xp, opsets: dict[str, int], outer: set[str] | None = None,
+                  overridable: frozenset = frozenset()) -> Program:
+    """Compile ``graph``; ``outer`` holds names visible from enclosing scopes (subgraphs)."""
+    bad = unsupported_ops(graph)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ModelError(f"unsupported op: {', '.join(bad[:3])}{more}")
+    p = Program(xp)
+    init_names = set()
+    for t in graph.initializer:
+        s = p.slot(t.name)
+        try:
+            arr = numpy_helper.to_array(t)
+        except Exception as exc:
+            raise ModelError(f"initializer '{t.name}': cannot be read ({exc})") from None
+        p.consts[s] = xp.asarray(arr)
+        init_names.add(t.name)
+    for t in graph.sparse_initializer:
+        raise ModelError(f"sparse initializer '{t.values.name}' is not supported")
+    for i in graph.input:
+        if i.name in init_names:
+            continue
+        p.inputs.append(p.slot(i.name))
+        p.input_names.append(i.name)
+    defined = set(init_names) | set(p.input_names)
+    captured: list[str] = []
+
+    def ref(name: str) -> int:
+        if name == "":
+            return -1
+        if name not in defined:
+            if outer is not None and name in outer:
+                if name not in captured:
+                    captured.append(name)
+            else:
+                raise ModelError(f"graph '{graph.name}': tensor '{name}' is used but never defined")
+        return p.slot(name)
+
+    for index, n in enumerate(graph.node):
+        dom = "" if n.domain in ("", "ai.onnx") else n.domain
+        attrs, subs = {}, {}
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                subs[a.name] = a.g
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                raise ModelError(f"node '{n.name}': graph-list attributes are not supported")
+            else:
+                attrs[a.name] = attr_value(a)
+        inputs = list(n.input)
+        while inputs and inputs[-1] == "":
+            inputs.pop()
+        node = Node(n.op_type, dom, n.name, inputs, list(n.output), attrs, opsets.get(dom, 1), proto=n)
+        node.captures = []
+        if subs:
+            visible = (outer or set()) | defined
+            for key, g in subs.items():
+                sub = compile_graph(g, xp, opsets, visible)
+                node.subgraphs[key] = sub
+                for c in sub.captures:
+                    if c not in node.captures:
+                        node.captures.append(c)
+        spec = KERNELS[(dom, n.op_type)]
+        try:
+            fn = spec.build(node, xp)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"{node.where()}: cannot be loaded ({type(exc).__name__}: {exc})") from None
+        ins = [ref(x) for x in inputs] + [ref(c) for c in node.captures]
+        outs = []
+        for o in n.output:
+            if o == "":
+                outs.append(-1)
+                continue
+            outs.append(p.slot(o))
+            defined.add(o)
+        p.steps.append(Step(node, spec, fn, ins, outs, index))
+    for o in graph.output:
+        p.outputs.append(ref(o.name))
+        p.output_names.append(o.name)
+    p.captures = captured
+    p.capture_slots = [p.slots[c] for c in captured]
+    _fold_constants(p, {p.slots[n] for n in overridable if n in p.slots})
+    _compute_release(p)
+    return p
+
+
+def _compute_release(p: Program) -> None:
+    # last use of every slot; graph outputs and constants are never released
+    keep = set(p.outputs) | set(p.consts)
+    last = {}
+    for i, st in enumerate(p.steps):
+        for s in st.ins:
+            if s >= 0:
+                last[s] = i
+        for s in st.outs:
+            if s >= 0:
+                last.setdefault(s, i)
+    p.release = [[] for _ in p.steps]
+    for s, i in last.items():
+        if s not in keep:
+            p.release[i].append(s)
+
+
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                     "Bernoulli"}
+
+
+def _fold_constants(p: Program, overridable: set[int]) -> None:
+    """Run once, at load, every step whose inputs are all initializers or folded values
+    (e.g. the ConstantOfShape weights of onnx's light models), as ORT's constant folding does."""
+    const = set(p.consts) - overridable
+    kept = []
+    for st in p.steps:
+        if st.node.op_type in _NONDETERMINISTIC or st.node.subgraphs or st.node.captures \
+                or not all(s >= 0 and s in const for s in st.ins) or not st.ins:
+            kept.append(st)
+            continue
+        res = st.fn([p.consts[s] for s in st.ins], None, None)
+        if not isinstance(res, (list, tuple)):
+            res = (res,)
+        for s, r in zip(st.outs, res):
+            if s >= 0:
+                p.consts[s] = r
+                const.add(s)
+    p.folded = len(p.steps) - len(kept)
+    p.steps = kept
+

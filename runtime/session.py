@@ -1,0 +1,396 @@
+"""``Session``: load a model once, run it many times, ONNX Runtime style.
+
+The first run with a new input-shape signature executes the plan with freshly allocated
+results and records every tensor's shape, dtype and live range (shapes are resolved once
+per signature). The session then lays all intermediates out in one arena (the model's own
+memory plan when it has one that fits, else planned here), and later runs with that
+signature hand each kernel a view into the arena to write into. Graph outputs are never
+arena views: they are returned as separate arrays.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from opc.errors import DataError
+from opc.runtime.arena import Block, check_offsets, plan_offsets
+from opc.runtime.program import compile_graph, opset_map
+from opc.runtime.xp import array_module, data_ptr, is_numpy, to_host
+
+_TYPE_NAMES = {np.dtype(v): k for k, v in {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_}.items()}
+
+
+@dataclass
+class NodeArg:
+    """What ``get_inputs``/``get_outputs`` return (the fields of ORT's NodeArg)."""
+
+    name: str
+    shape: list
+    type: str
+
+
+@dataclass
+class Layout:
+    """Arena placement for one input-shape signature."""
+
+    arena_size: int
+    arena: object
+    outs: list = field(default_factory=list)  # per step: list of views or None
+    ws: list = field(default_factory=list)  # per step: uint8 view or None
+    source: str = "runtime"  # "model" when the model's memory plan was used
+    blocks: list = field(default_factory=list)
+
+
+def _value_args(values) -> list[NodeArg]:
+    res = []
+    for v in values:
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+        try:
+            ty = _TYPE_NAMES.get(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)), "tensor(unknown)")
+        except Exception:
+            ty = "tensor(unknown)"
+        res.append(NodeArg(v.name, dims, ty))
+    return res
+
+
+class Session:
+    """``Session(model_or_path, backend="auto"|"numpy"|"cupy")``; ``run(output_names, feeds)``."""
+
+    def __init__(self, model_or_path, backend: str = "auto", *, threads: int | None = None,
+                 use_arena: bool = True, use_model_plan: bool = True):
+        """``threads`` limits the BLAS threads during ``run`` (None: leave the library's setting);
+        ``use_arena=False`` runs every time with freshly allocated results; ``use_model_plan=False``
+        ignores a memory plan stored in the model."""
+        self.xp = array_module(backend)
+        self.threads = threads
+        self.backend = "numpy" if is_numpy(self.xp) else "cupy"
+        if isinstance(model_or_path, onnx.ModelProto):
+            model = model_or_path
+        else:
+            from opc.ir import load_model
+
+            model = load_model(os.fspath(model_or_path))
+        self._model = model
+        inits = {t.name for t in model.graph.initializer}
+        # constants are folded at load; a feed that overrides an initializer (IR < 4 models
+        # list them as inputs) runs an unfolded copy of the plan instead, without the arena
+        self.program = compile_graph(model.graph, self.xp, opset_map(model))
+        self._unfolded = None
+        self._inputs = _value_args([i for i in model.graph.input if i.name not in inits])
+        self._outputs = _value_args(model.graph.output)
+        self._input_dtypes = {}
+        for a in self._inputs:
+            v = next(i for i in model.graph.input if i.name == a.name)
+            try:
+                self._input_dtypes[a.name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
+            except Exception:
+                self._input_dtypes[a.name] = None
+        # IR < 4 models list initializers as inputs too; a feed may override them
+        self._overridable = [i.name for i in model.graph.input if i.name in inits]
+        self.use_arena = use_arena
+        self.use_model_plan = use_model_plan
+        self._layouts: dict[tuple, Layout | None] = {}
+        self._out_index = {n: i for i, n in enumerate(self.program.output_names)}
+
+    # -- ORT-like API -------------------------------------------------------------
+    def get_inputs(self) -> list[NodeArg]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[NodeArg]:
+        return list(self._outputs)
+
+    def get_providers(self) -> list[str]:
+        return [f"opc-{self.backend}"]
+
+    def run(self, output_names, feeds: dict, run_options=None, *, to_numpy: bool = True) -> list:
+        names = list(output_names) if output_names else list(self.program.output_names)
+        for n in names:
+            if n not in self._out_index:
+                raise DataError(f"the model has no output '{n}' (outputs: {', '.join(self.program.output_names)})")
+        values = self._feed_values(feeds)
+        sig = tuple((v.shape, v.dtype.str) for v in values)
+        layout = self._layouts.get(sig, False)
+        if self._overrides:
+            outs = self._run_overridden(values)
+        elif self.backend == "numpy":
+            with np.errstate(all="ignore"), _blas_threads(self.threads):
+                outs = self._execute(values, layout, sig)
+        else:
+            outs = self._execute(values, layout, sig)
+        res = [outs[self._out_index[n]] for n in names]
+        return [to_host(r) for r in res] if to_numpy else res
+
+    # -- internals ----------------------------------------------------------------
+    def _feed_values(self, feeds: dict) -> list:
+        p = self.program
+        known = set(p.input_names) | set(self._overridable)
+        for k in feeds:
+            if k not in known:
+                raise DataError(f"feed '{k}' is not an input of the model (inputs: {', '.join(p.input_names)})")
+        values = []
+        for name in p.input_names:
+            if name not in feeds:
+                raise DataError(f"input '{name}' is missing from the feeds")
+            v = feeds[name]
+            if not hasattr(v, "dtype") or not hasattr(v, "shape"):
+                v = np.asarray(v)
+            want = self._input_dtypes.get(name)
+            if want is not None and v.dtype != want:
+                raise DataError(f"input '{name}': expected {want}, got {v.dtype}")
+            arg = next(a for a in self._inputs if a.name == name)
+            if arg.shape and len(arg.shape) != v.ndim:
+                raise DataError(f"input '{name}': expected rank {len(arg.shape)}, got shape {tuple(v.shape)}")
+            for d, s in zip(arg.shape, v.shape):
+                if isinstance(d, int) and d > 0 and d != s:
+                    raise DataError(f"input '{name}': expected shape {arg.shape}, got {tuple(v.shape)}")
+            values.append(self.xp.asarray(v))
+        self._overrides = {k: self.xp.asarray(feeds[k]) for k in self._overridable if k in feeds}
+        return values
+
+    def _run_overridden(self, values):
+        if self._unfolded is None:
+            m = self._model
+            self._unfolded = compile_graph(m.graph, self.xp, opset_map(m), overridable=frozenset(self._overridable))
+        p = self._unfolded
+        saved = dict(p.consts)
+        try:
+            for name, v in self._overrides.items():
+                p.consts[p.slots[name]] = v
+            with np.errstate(all="ignore"):
+                outs = p.run(values)
+        finally:
+            p.consts = saved
+        return [o.copy() for o in outs]
+
+    def _execute(self, values, layout, sig):
+        p = self.program
+        xp = self.xp
+        vals = [None] * len(p.names)
+        for s, v in p.consts.items():
+            vals[s] = v
+        for s, v in zip(p.inputs, values):
+            vals[s] = v
+        trace = layout is False and self.use_arena
+        record = {} if trace else None
+        for i, step in enumerate(p.steps):
+            ins = [vals[j] if j >= 0 else None for j in step.ins]
+            if layout:
+                views = layout.outs[i]
+                res = step.fn(ins, views, layout.ws[i])
+                if not isinstance(res, (list, tuple)):
+                    res = (res,)
+                for k, (s, r) in enumerate(zip(step.outs, res)):
+                    if s < 0:
+                        continue
+                    v = views[k] if views is not None else None
+                    if v is not None and r is not v and r.shape == v.shape and r.dtype == v.dtype:
+                        xp.copyto(v, r)  # a kernel that cannot write in place: keep the slot in the arena
+                        r = v
+                    vals[s] = r
+            else:
+                res = step.fn(ins, None, None)
+                if not isinstance(res, (list, tuple)):
+                    res = (res,)
+                for k, (s, r) in enumerate(zip(step.outs, res)):
+                    if s < 0:
+                        continue
+                    vals[s] = r
+                    if trace:
+                        alias = step.spec.alias and k == 0 and ins and ins[0] is not None and \
+                            r.size and data_ptr(r) == data_ptr(ins[0])
+                        record[s] = (tuple(r.shape), r.dtype, alias, step.ins[0] if alias else -1)
+                for s in p.release[i]:
+                    vals[s] = None
+        outs = [vals[s] for s in p.outputs]
+        if trace:
+            self._layouts[sig] = self._make_layout(values, record)
+        protected = set(p.consts) | set(p.inputs)
+        final = []
+        for s, o in zip(p.outputs, outs):
+            if layout and o is not None and o.size and layout.arena is not None and _inside(o, layout.arena):
+                o = o.copy()
+            elif s in protected:
+                o = o.copy()
+            final.append(o)
+        return final
+
+    def _make_layout(self, values, record) -> Layout | None:
+        """Plan the arena from one traced run (shapes, dtypes, live ranges in node positions)."""
+        p = self.program
+        steps = p.steps
+        end_of_graph = len(self._model.graph.node)
+        graph_outputs = set(p.outputs)
+        first, last = {}, {}
+        for st in steps:
+            for s in st.outs:
+                if s >= 0:
+                    first.setdefault(s, st.index)
+                    last.setdefault(s, st.index)
+            for s in st.ins:
+                if s >= 0:
+                    last[s] = st.index
+        # an alias (view) keeps its root's memory alive as long as the alias is used
+        root = {}
+        for st in steps:
+            for s in st.outs:
+                if s in record and record[s][2]:
+                    src = record[s][3]
+                    root[s] = root.get(src, src)
+        for s, r in root.items():
+            last[r] = max(last.get(r, 0), end_of_graph if s in graph_outputs else last.get(s, 0))
+        planned = {}
+        for st in steps:
+            if st.spec.dynamic:
+                continue
+            for s in st.outs:
+                if s < 0 or s in graph_outputs or s in root or s not in record:
+                    continue
+                shape, dtype, _, _ = record[s]
+                size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if size:
+                    planned[s] = Block(s, size, first[s], last[s])
+        shapes = {s: rec[0] for s, rec in record.items()}
+        dtypes = {s: rec[1] for s, rec in record.items()}
+        for s, v in zip(p.inputs, values):
+            shapes[s], dtypes[s] = tuple(v.shape), v.dtype
+        for s, v in p.consts.items():
+            shapes[s], dtypes[s] = tuple(v.shape), v.dtype
+        ws_blocks = []
+        for i, st in enumerate(steps):
+            if st.spec.workspace is None:
+                continue
+            nb = st.spec.workspace(st.node, [shapes.get(j) for j in st.ins], [dtypes.get(j) for j in st.ins])
+            if nb:
+                ws_blocks.append(Block(("ws", i), int(nb), st.index, st.index))
+        blocks = list(planned.values()) + ws_blocks
+        source = "runtime"
+        size = self._model_plan(blocks) if self.use_model_plan else None
+        if size is None:
+            size = plan_offsets(blocks)
+        else:
+            source = "model"
+        arena = self.xp.empty(max(size, 1), dtype=self.xp.uint8)
+        layout = Layout(size, arena, source=source, blocks=blocks)
+        layout.outs = [None] * len(steps)
+        layout.ws = [None] * len(steps)
+        for b in ws_blocks:
+            layout.ws[b.key[1]] = arena[b.offset:b.offset + b.size]
+        for i, st in enumerate(steps):
+            views = []
+            for s in st.outs:
+                b = planned.get(s)
+                if b is None:
+                    views.append(None)
+                    continue
+                shape, dtype = record[s][0], record[s][1]
+                views.append(arena[b.offset:b.offset + b.size].view(dtype).reshape(shape))
+            if any(v is not None for v in views):
+                layout.outs[i] = views
+        return layout
+
+    def _model_plan(self, blocks) -> int | None:
+        """Offsets from the model's stored memory plan (``opc.memory``) when it fits this run:
+        same node order, a slot at least as large as every tensor and workspace needs, and no
+        two tensors alive together overlapping (outputs written in place over their input,
+        which the plan allows for element-wise ops, excepted)."""
+        try:
+            from opc import memory
+        except Exception:
+            return None
+        try:
+            plan = memory.load_plan(self._model)
+        except Exception:
+            plan = None
+        if plan is None or list(plan.order) != list(range(len(self._model.graph.node))):
+            return None
+        names = self.program.names
+        steps = self.program.steps
+        offsets = {}
+        for b in blocks:
+            if isinstance(b.key, tuple):
+                ws = plan.workspaces or {}
+                slot = ws.get(steps[b.key[1]].index, ws.get(str(steps[b.key[1]].index)))
+            else:
+                slot = plan.tensors.get(names[b.key])
+            if slot is None or slot.size < b.size or (slot.alias_of and slot.kind != "inplace"):
+                return None
+            offsets[id(b)] = slot.offset
+
+        def group(b):
+            if isinstance(b.key, tuple):
+                return b.key
+            slot = plan.tensors[names[b.key]]
+            return slot.alias_of or names[b.key]
+
+        for b in blocks:
+            b.offset = offsets[id(b)]
+        trial = [Block(group(b), b.size, b.start, b.end, b.offset) for b in blocks]
+        if check_offsets(trial, int(plan.arena_size), same_key_ok=True) is not None:
+            for b in blocks:
+                b.offset = -1
+            return None
+        return int(plan.arena_size)
+
+    # -- introspection ---------------------------------------------------------------
+    def arena_bytes(self, feeds: dict | None = None) -> int | None:
+        """Arena size for the signature of ``feeds`` (or the last planned one)."""
+        if feeds is not None:
+            sig = tuple((tuple(np.shape(feeds[n])), np.asarray(feeds[n]).dtype.str) for n in self.program.input_names)
+            lay = self._layouts.get(sig)
+        else:
+            lay = next(reversed(self._layouts.values()), None) if self._layouts else None
+        return lay.arena_size if lay else None
+
+    def layout(self, feeds: dict | None = None) -> Layout | None:
+        if feeds is None:
+            return next(reversed(self._layouts.values()), None) if self._layouts else None
+        sig = tuple((tuple(np.shape(feeds[n])), np.asarray(feeds[n]).dtype.str) for n in self.program.input_names)
+        return self._layouts.get(sig)
+
+
+class _blas_threads:
+    """Limit BLAS threads inside a block (no-op when ``n`` is None or threadpoolctl is absent)."""
+
+    _limiter = None
+
+    def __init__(self, n):
+        self.n = n
+        self.ctx = None
+
+    def __enter__(self):
+        if self.n:
+            try:
+                from threadpoolctl import ThreadpoolController
+
+                if _blas_threads._limiter is None:
+                    _blas_threads._limiter = ThreadpoolController()
+                self.ctx = _blas_threads._limiter.limit(limits=self.n, user_api="blas")
+                self.ctx.__enter__()
+            except ImportError:
+                self.ctx = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+        return False
+
+
+def _inside(a, arena) -> bool:
+    lo = data_ptr(arena)
+    p = data_ptr(a)
+    return lo <= p < lo + arena.size
+
+
+def weights_bytes(session: Session) -> int:
+    """Bytes of the initializers and load-time folded constants the session holds."""
+    return int(sum(v.nbytes for v in session.program.consts.values()))

@@ -1,0 +1,61 @@
+"""The array module behind the runtime: NumPy, or CuPy when a GPU is usable.
+
+Kernels receive the module as ``xp`` and call only names that NumPy and CuPy share, so the
+same code runs on both; ``tests/test_runtime_portability.py`` enforces that on a CPU-only
+machine. Host-side metadata (shapes, attribute values) is plain NumPy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from opc.errors import UsageError
+
+BACKENDS = ("auto", "numpy", "cupy")
+
+
+@functools.lru_cache(maxsize=1)
+def cupy_usable() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def array_module(backend: str = "auto"):
+    """Return the array module for ``backend`` ("auto" picks CuPy when a GPU is usable)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+    if backend == "numpy" or (backend == "auto" and not cupy_usable()):
+        return np
+    if not cupy_usable():
+        raise UsageError("backend 'cupy' needs CuPy and a usable GPU; use --backend numpy")
+    import cupy
+
+    return cupy
+
+
+def is_numpy(xp) -> bool:
+    return getattr(xp, "__name__", "") == "numpy" or getattr(xp, "_opc_numpy", False)
+
+
+def to_host(a) -> np.ndarray:
+    """An array as NumPy (a copy from the device for CuPy arrays)."""
+    if isinstance(a, np.ndarray):
+        return a
+    get = getattr(a, "get", None)
+    return get() if get is not None else np.asarray(a)
+
+
+def host_ints(a) -> list[int]:
+    return [int(v) for v in to_host(a).reshape(-1)]
+
+
+def data_ptr(a) -> int:
+    if isinstance(a, np.ndarray):
+        return a.__array_interface__["data"][0]
+    return int(a.data.ptr)

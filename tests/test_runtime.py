@@ -1,0 +1,232 @@
+"""opc.runtime.Session: outputs equal ONNX Runtime's, the arena, the ORT-like API, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import opc.runtime as rt
+from opc.errors import DataError, ModelError
+from opc.ort import compare, make_session
+from opc.runtime.xp import data_ptr
+
+from runtime_helpers import LIGHT_MODELS, light_feeds, light_model, make_model
+
+RTOL = 1e-4
+
+
+def _ort(model, feeds):
+    return make_session(model, threads=1).run(None, feeds)
+
+
+def _check(model, feeds, runs=2, rtol=RTOL):
+    sess = rt.Session(model, backend="numpy", threads=1)
+    ref = _ort(model, feeds)
+    for _ in range(runs):  # run 1 resolves shapes, run 2 executes inside the arena
+        got = sess.run(None, feeds)
+        for r, g in zip(ref, got):
+            m = compare(r, g)
+            assert m["max_rel"] <= rtol or m["max_abs"] <= 1e-6, m
+    return sess
+
+
+# their fully connected weights are 100-400 MB: random ones take ~20 s to make and load into ORT,
+# so these keep onnx's constant weights (every class gets the same score; still run end to end)
+CONSTANT_WEIGHTS = {"light_vgg19", "light_zfnet512", "light_bvlc_alexnet"}
+
+
+@pytest.mark.parametrize("name", LIGHT_MODELS)
+def test_light_model_matches_ort(name):
+    model = light_model(name, randomize=name not in CONSTANT_WEIGHTS)
+    sess = _check(model, light_feeds(model))
+    assert sess.layout().arena_size > 0
+
+
+def test_light_model_with_constant_weights_folds_them():
+    model = light_model("light_squeezenet", randomize=False)
+    sess = _check(model, light_feeds(model))
+    n_cos = sum(n.op_type == "ConstantOfShape" for n in model.graph.node)
+    assert sess.program.folded == n_cos
+    assert all(st.node.op_type != "ConstantOfShape" for st in sess.program.steps)
+
+
+def _conv_model(x_shape, w_shape, bias=True, opset=17, **attrs):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w")]
+    ins = ["x", "w"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(w_shape[0]).astype(np.float32), "b"))
+        ins.append("b")
+    node = helper.make_node("Conv", ins, ["c"], **attrs)
+    relu = helper.make_node("Relu", ["c"], ["y"])
+    model = make_model([node, relu], [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [f"d{i}" for i in range(len(x_shape))])],
+                       inits, opset)
+    feeds = {"x": rng.standard_normal(x_shape).astype(np.float32)}
+    return model, feeds
+
+
+CONV_CASES = [
+    # x shape, w shape, attributes
+    ((1, 8, 12, 12), (16, 8, 3, 3), dict(pads=[1, 1, 1, 1])),
+    ((2, 8, 12, 12), (16, 8, 3, 3), dict(pads=[1, 1, 1, 1])),
+    ((2, 8, 12, 11), (16, 8, 3, 3), dict(pads=[0, 1, 2, 1], dilations=[2, 1])),
+    ((2, 8, 13, 13), (16, 8, 3, 3), dict(pads=[1, 1, 1, 1], strides=[2, 2])),
+    ((2, 3, 15, 15), (8, 3, 7, 7), dict(pads=[3, 3, 3, 3], strides=[2, 2])),
+    ((2, 16, 9, 9), (8, 16, 1, 1), dict()),
+    ((2, 16, 9, 9), (8, 16, 1, 1), dict(strides=[2, 2])),
+    ((2, 12, 9, 9), (12, 1, 3, 3), dict(group=12, pads=[1, 1, 1, 1])),
+    ((2, 12, 9, 9), (12, 1, 3, 3), dict(group=12, pads=[1, 1, 1, 1], strides=[2, 2])),
+    ((2, 12, 9, 9), (24, 3, 3, 3), dict(group=4, pads=[1, 1, 1, 1])),
+    ((2, 12, 9, 9), (24, 3, 3, 3), dict(group=4, strides=[2, 1])),
+    ((2, 8, 10, 10), (8, 8, 3, 3), dict(auto_pad="SAME_UPPER", strides=[2, 2])),
+    ((2, 8, 10, 10), (8, 8, 2, 2), dict(auto_pad="SAME_LOWER")),
+    ((2, 4, 20), (6, 4, 5), dict(pads=[2, 2])),
+    ((1, 4, 5, 6, 7), (6, 4, 3, 3, 3), dict(pads=[1, 1, 1, 1, 1, 1])),
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,attrs", CONV_CASES)
+def test_conv_variants_match_ort(x_shape, w_shape, attrs):
+    model, feeds = _conv_model(x_shape, w_shape, **attrs)
+    _check(model, feeds, runs=3)
+
+
+def test_conv_without_bias():
+    model, feeds = _conv_model((1, 4, 6, 6), (4, 4, 3, 3), bias=False, pads=[1, 1, 1, 1])
+    _check(model, feeds)
+
+
+def _mlp_model():
+    rng = np.random.default_rng(2)
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 16] x) => (float[N, 4] y) {
+        h = Gemm <transB = 1> (x, w1, b1)
+        r = Relu (h)
+        s = Reshape (r, shp)
+        t = Transpose <perm = [0, 2, 1]> (s)
+        f = Flatten <axis = 1> (t)
+        z = MatMul (f, w2)
+        y = Softmax <axis = -1> (z)
+    }
+    """
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.extend([
+        numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b1"),
+        numpy_helper.from_array(np.array([0, 4, 8], np.int64), "shp"),
+        numpy_helper.from_array(rng.standard_normal((32, 4)).astype(np.float32), "w2"),
+    ])
+    return model
+
+
+def test_dynamic_batch_gets_one_layout_per_shape():
+    model = _mlp_model()
+    sess = rt.Session(model, backend="numpy")
+    ref_sess = make_session(model, threads=1)
+    rng = np.random.default_rng(3)
+    for n in (1, 5, 1, 5):
+        x = rng.standard_normal((n, 16)).astype(np.float32)
+        got = sess.run(["y"], {"x": x})[0]
+        assert compare(ref_sess.run(None, {"x": x})[0], got)["max_rel"] <= RTOL
+    assert len(sess._layouts) == 2
+
+
+def test_intermediates_live_in_the_arena_and_outputs_do_not():
+    model, feeds = _conv_model((1, 8, 12, 12), (16, 8, 3, 3), pads=[1, 1, 1, 1])
+    sess = rt.Session(model, backend="numpy")
+    first = sess.run(None, feeds)[0]
+    lay = sess.layout()
+    lo, hi = data_ptr(lay.arena), data_ptr(lay.arena) + lay.arena.size
+    conv_view = lay.outs[0][0]
+    assert conv_view is not None and lo <= data_ptr(conv_view) < hi
+    assert lay.ws[0] is not None and lay.ws[0].size == rt.workspace_bytes(
+        model.graph.node[0], [(1, 8, 12, 12), (16, 8, 3, 3), (16,)], [np.float32] * 3)
+    second = sess.run(None, feeds)[0]
+    assert not (lo <= data_ptr(second) < hi)
+    second[...] = -1  # the caller owns its outputs: the next run is unaffected
+    third = sess.run(None, feeds)[0]
+    np.testing.assert_array_equal(first, third)
+    # the arena holds the conv output and the conv scratch, planned so both fit at once
+    assert lay.arena_size >= conv_view.nbytes + lay.ws[0].size
+
+
+def test_arena_is_smaller_than_all_intermediates_together():
+    model = light_model("light_resnet50")
+    feeds = light_feeds(model)
+    sess = rt.Session(model, backend="numpy", threads=1)
+    sess.run(None, feeds)
+    lay = sess.layout()
+    total = sum(b.size for b in lay.blocks)
+    assert 0 < lay.arena_size < total / 4
+    live_peak = max(sum(b.size for b in lay.blocks if b.start <= i <= b.end)
+                    for i in range(len(model.graph.node)))
+    assert lay.arena_size >= live_peak
+
+
+def test_stored_memory_plan_is_used():
+    memory = pytest.importorskip("opc.memory")
+    model, feeds = _conv_model((1, 8, 12, 12), (16, 8, 3, 3), pads=[1, 1, 1, 1])
+    plan = memory.plan_model(model, {"x": (1, 8, 12, 12)}, rt.workspace_bytes)
+    memory.store_plan(model, plan)
+    sess = _check(model, feeds, runs=3)
+    lay = sess.layout()
+    assert lay.source == "model"
+    assert lay.arena_size == plan.arena_size
+    # a plan made for a smaller batch does not fit a bigger one: planned here instead
+    big = {"x": np.concatenate([feeds["x"]] * 3)}
+    model2 = model
+    sess2 = rt.Session(model2, backend="numpy")
+    model2.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    sess2 = rt.Session(model2, backend="numpy")
+    sess2.run(None, big)
+    assert sess2.layout().source == "runtime"
+
+
+def test_unsupported_op_fails_at_load_naming_it():
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17, "com.example" : 1]>
+    g (float[2] x) => (float[2] y) { y = com.example.Frobnicate (x) }
+    """)
+    with pytest.raises(ModelError, match=r"unsupported op: com.example.Frobnicate \(node"):
+        rt.Session(model, backend="numpy")
+
+
+def test_ort_like_api_and_feed_errors():
+    model = _mlp_model()
+    sess = rt.Session(model, backend="numpy")
+    (inp,) = sess.get_inputs()
+    assert (inp.name, inp.shape, inp.type) == ("x", ["N", 16], "tensor(float)")
+    assert [o.name for o in sess.get_outputs()] == ["y"]
+    with pytest.raises(DataError, match="input 'x' is missing"):
+        sess.run(None, {})
+    with pytest.raises(DataError, match="expected float32, got float64"):
+        sess.run(None, {"x": np.zeros((1, 16))})
+    with pytest.raises(DataError, match="expected shape"):
+        sess.run(None, {"x": np.zeros((1, 15), np.float32)})
+    with pytest.raises(DataError, match="no output 'nope'"):
+        sess.run(["nope"], {"x": np.zeros((1, 16), np.float32)})
+
+
+def test_backend_choice():
+    assert rt.Session(_mlp_model(), backend="numpy").backend == "numpy"
+    from opc.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown backend"):
+        rt.Session(_mlp_model(), backend="tpu")
+    if not rt.cupy_usable():
+        assert rt.Session(_mlp_model(), backend="auto").backend == "numpy"
+        with pytest.raises(UsageError, match="needs CuPy and a usable GPU"):
+            rt.Session(_mlp_model(), backend="cupy")
+
+
+def test_session_from_path(tmp_path):
+    model, feeds = _conv_model((1, 4, 6, 6), (4, 4, 3, 3), pads=[1, 1, 1, 1])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    got = rt.Session(path, backend="numpy").run(None, feeds)[0]
+    assert compare(_ort(model, feeds)[0], got)["max_rel"] <= RTOL
