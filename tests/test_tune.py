@@ -309,3 +309,31 @@ def test_config_pipeline_is_canonical():
     assert canonicalize(text) == text
     pruned = Config(sparsity=0.25, prune_mode="channels").pipeline()
     assert pruned == "fold,prune(sparsity=0.25,mode=channels),quantize"
+
+
+def test_pool_trials_give_the_same_bytes_as_the_serial_ones(digits_assets):
+    """The manager's output is deterministic across processes: a trial compiled in a worker
+    has the same sha256 as the same pipeline compiled here."""
+    kw = dict(max_drop=0.01, trials=2, objective="size", repeats=3)
+    pooled = tune(digits_assets["model"], digits_assets["calib"], digits_assets["eval"],
+                  runner=ProcessPoolRunner(2), **kw)
+    serial = tune(digits_assets["model"], digits_assets["calib"], digits_assets["eval"], **kw)
+    assert pooled.reproduced is True and serial.reproduced is True
+    sha = {r.pipeline: r.sha256 for r in serial.results}
+    assert [r.pipeline for r in pooled.results] == [r.pipeline for r in serial.results]
+    assert all(r.sha256 == sha[r.pipeline] for r in pooled.results)
+    assert f"pid{os.getpid()}" not in {r.worker for r in pooled.results}
+
+
+def test_interrupt_returns_the_best_so_far(digits_assets):
+    seen = []
+
+    def stop_after_two(result, search):
+        seen.append(result.index)
+        if len(seen) == 2:  # the baseline and the first quantized trial are in
+            raise KeyboardInterrupt
+
+    res = tune(digits_assets["model"], digits_assets["calib"], digits_assets["eval"], trials=10, repeats=3,
+               on_result=stop_after_two)
+    assert res.interrupted and len(res.results) == 2
+    assert res.best is not None and res.best.pipeline == "fold,quantize" and res.model is not None
