@@ -9,19 +9,24 @@ The search, in order (each step is one or more trials, offered ``runner.workers`
 time and decided on in trial order, so the outcome does not depend on which worker
 finishes first):
 
-1. ``baseline``: the float model (``fold``): reference latency and size; not a candidate.
+1. ``baseline``: the float model (``fold``): reference latency and size; not a candidate
+   and not counted in ``trials``. Trials other than the first skip the quantize pass's
+   SQNR table (``sensitivity_samples=0``): it changes no weight and costs more than the
+   quantization.
 2. ``sensitivity``: quantize every layer once; the quantize pass's per-layer SQNR table
    ranks the layers (lowest SQNR = most sensitive). Without a table the first and last
    layers are taken as the most sensitive.
 3. ``calibration`` (only if step 2 misses the budget): the other calibration methods,
-   and weight-only quantization when the model has MatMul/Gemm layers.
+   bias correction switched, and SmoothQuant and weight-only quantization when the model
+   has MatMul/Gemm layers; the one with the smallest drop is the base for step 4.
 4. ``fallback`` (only if still no configuration meets the budget): keep the k most
    sensitive layers in float; k doubles until the budget holds, then a bisection finds
    the smallest such k. At least one layer always stays quantized.
 5. ``improve``: greedy hill climbing from the best configuration that meets the budget:
-   re-quantize a fallen-back layer, keep one more layer in float (latency only: Q/DQ
-   pairs around a small layer can cost more than they save), switch weight-only, add
-   pruning. A move is taken when it meets the budget and beats the incumbent's
+   re-quantize a fallen-back layer, switch weight-only (MatMul models), keep one more
+   layer in float (latency only: Q/DQ pairs around a small layer can cost more than they
+   save), int4 weight-only (size only), channel pruning (25% or 50% of the channels,
+   removed physically, so the model gets faster and smaller). A move is taken when it meets the budget and beats the incumbent's
    objective (latency by more than the timing noise margin); moves are tried in a
    seeded order within each kind.
 6. ``final`` (latency only): the best few candidates and the float model are re-timed
