@@ -190,7 +190,8 @@ def export(name: str, path: str | Path, opset: int | None = None, batch: int = 1
     if path.is_dir():
         raise UsageError(f"-o {path}: is a folder")
     ins, outs = input_names(name), output_names(name)
-    example = sample_data(name, batch, "calib")
+    # torch.export specializes axes of size 1, so a dynamic batch is traced with 2 samples
+    example = sample_data(name, 2 if dynamic_batch and exporter == "dynamo" and batch == 1 else batch, "calib")
     args = tuple(torch.from_numpy(example[k]) for k in ins)
     dynamic_axes = {k: {0: "batch"} for k in ins + outs} if dynamic_batch else None
     module = build(name)
@@ -212,6 +213,11 @@ def export(name: str, path: str | Path, opset: int | None = None, batch: int = 1
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise OpcError(f"torch.onnx.export ({exporter}) failed for {name}: {first}") from None
+    if dynamic_batch:
+        fixed = [v.name for v in list(model.graph.input) + list(model.graph.output)
+                 if not v.type.tensor_type.shape.dim[0].dim_param]
+        if fixed:
+            raise OpcError(f"{exporter} export of {name} fixed the batch axis of {', '.join(fixed)}")
     model.producer_name = "opc.models"
     set_metadata(model, {"opc.model": name, "opc.model.data": info.data,
                          "opc.model.exporter": f"torch.onnx.export(dynamo={exporter == 'dynamo'}) "
