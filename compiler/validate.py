@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import functools
 import heapq
+import os
+import stat
 import warnings
 from collections import deque
 from pathlib import Path
@@ -73,13 +75,19 @@ def read_model_file(path: Path) -> onnx.ModelProto:
             raise ModelError(f"{path}: no such file")
         if path.is_dir():
             raise ModelError(f"{path}: is a folder, not an ONNX file")
-        if not path.is_file():
-            raise ModelError(f"{path}: not a regular file")
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise ModelError(f"{path}: {size} bytes is over the 2 GB protobuf limit; "
-                             "save big weights as external data")
-        data = path.read_bytes()
+        # one open file for every check and the read: it cannot be swapped in between;
+        # O_NONBLOCK so that a FIFO does not hang before fstat says what it is
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ModelError(f"{path}: not a regular file")
+            if st.st_size > MAX_FILE_BYTES:
+                raise ModelError(f"{path}: {st.st_size} bytes is over the 2 GB protobuf limit; "
+                                 "save big weights as external data")
+            data = f.read(st.st_size + 1)
+            if len(data) != st.st_size:
+                raise ModelError(f"{path}: the file changed while being read")
     except OSError as exc:
         raise ModelError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     model = parse_model_bytes(data, str(path))
