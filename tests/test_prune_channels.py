@@ -289,3 +289,21 @@ def test_digits_channels_with_reconstruction(digits_assets):
     again, rec2 = compile_(model, "prune(mode=channels,sparsity=0.3,reconstruct=false)", data)
     assert rec2.stats["params_removed"] == rec.stats["params_removed"]
     assert top1(out) > top1(again)
+
+
+def test_activation_importance_finds_the_dead_channels_too():
+    model = residual_model()
+    calib = CalibrationData(None, {"x": RNG.standard_normal((16, 3, 8, 8)).astype(np.float32)})
+    out, rec = compile_(model, "prune(mode=channels,scope=layer,sparsity=0.25,layers={c1:0.5},"
+                               "importance=activation,reconstruct=false)", calib)
+    assert weights(out)["w0"].shape == (6, 3, 3, 3) and weights(out)["w1"].shape == (3, 6, 3, 3)
+    x = {"x": RNG.standard_normal((3, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(outputs(out, x), outputs(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_channel_multiple_rounds_kept_channels_up():
+    model = concat_model()
+    _, rec = compile_(model, "prune(mode=channels,scope=layer,sparsity=0.5,reconstruct=false,channel_multiple=4)")
+    kept = {g["producers"][0]: g["channels_after"] for g in rec.details["groups"]}
+    assert kept["a"] == 4  # 6 -> 3, rounded up to 4
+    assert kept["b"] == 2 and kept["e"] == 2  # groups no larger than the multiple are not rounded
