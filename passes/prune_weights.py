@@ -62,7 +62,7 @@ class Prune(Pass):
     exclude: tuple[str, ...] = option((), "node names or op types left unpruned")
     layers: dict[str, float] | None = option(None, "per-node target sparsity overrides {node:sparsity}")
     keep_ends: bool = option(True, "leave the first and last prunable layer dense (unstructured, nm)")
-    sparse_storage: bool = option(False, "store sparse weights as sparse Constant nodes (smaller files)")
+    sparse_storage: bool = option(False, "store >=60%-sparse weights as values + positions (smaller files)")
     samples: int = option(256, "calibration samples used", low=1)
     batch: int = option(32, "calibration batch size", low=1)
     damp: float = option(0.01, "reconstruction ridge, relative to the mean input energy", low=0.0)
