@@ -22,7 +22,9 @@ Steps
 Aliases (``Slot.alias_of`` names the tensor that owns the bytes, ``Slot.kind`` says why)
     ``kind == "view"``: the outputs of Reshape, Flatten, Squeeze, Unsqueeze and Identity
     whose data input is an arena tensor share its bytes (same offset, same size). The runtime
-    must not copy: the output *is* the input reinterpreted with another shape.
+    must not copy: the output *is* the input reinterpreted with another shape. A view of a
+    graph input or a constant is an ordinary arena tensor (the runtime copies into it); a
+    view that is a graph output is outside the arena (the runtime copies out).
     ``kind == "inplace"``: the output of an element-wise op (``INPLACE_OPS``) is written over
     one of its inputs when that input (and every view of it) is last read at this node and
     has the same size and dtype as the output. The runtime computes that op with ``out``
@@ -49,6 +51,7 @@ Storage
     ``opc.memory_plan``; it carries a fingerprint of the graph structure (ops, attributes,
     tensor names, input/initializer types and dims, node order) so that a plan whose graph
     has been edited afterwards is detected (``matches``, ``load_plan``) and never trusted.
+    ``load_plan(model, input_shapes)`` also refuses a plan made for other input shapes.
 """
 
 from __future__ import annotations
@@ -989,9 +992,12 @@ def assign_offsets(buffers: list[_Buffer], live: list[int], strategies: Iterable
     results: dict[str, int] = {}
     best: tuple[list[int], int, str, list[int]] | None = None
 
+    starts: list[tuple[list[int], int, list[int]]] = []
+
     def consider(name, prio, best_fit=True):
         nonlocal best
         offs, top = place(sizes, conflicts, prio, best_fit)
+        starts.append((list(prio), top, offs))
         if name not in results or top < results[name]:
             results[name] = top
         if best is None or top < best[1]:
@@ -1009,15 +1015,18 @@ def assign_offsets(buffers: list[_Buffer], live: list[int], strategies: Iterable
             consider(name, _breadth_priority(buffers, live))
     if "search" in strategies and (best is None or best[1] > bound) and n > 1:
         rng = random.Random(seed)
-        if best is None:
+        if not starts:
             consider("search", list(range(n)))
-        prio = list(best[3])
-        cur = best[1]
-        offs = best[0]
+        # local search from every strategy's order in turn (one stuck start does not stop
+        # the others): move one buffer earlier in the priority list (half the time one that
+        # reaches the top of the arena); keep the move if the arena does not grow
+        states = [[list(prio), top, offs] for prio, top, offs in starts]
         deadline = time.perf_counter() + max(0.0, time_limit)
-        # move one buffer earlier in the priority list (half the time one that reaches the
-        # top of the arena); keep the move if the arena does not grow
-        while time.perf_counter() < deadline and cur > bound:
+        step = 0
+        while time.perf_counter() < deadline and best[1] > bound:
+            state = states[step % len(states)]
+            step += 1
+            prio, cur, offs = state
             cand = list(prio)
             if rng.random() < 0.5:
                 tops = [b for b in range(n) if offs[b] + sizes[b] == cur]
@@ -1029,11 +1038,11 @@ def assign_offsets(buffers: list[_Buffer], live: list[int], strategies: Iterable
             cand.insert(j, item)
             new_offs, top = place(sizes, conflicts, cand)
             if top <= cur:
-                prio, cur, offs = cand, top, new_offs
+                state[:] = [cand, top, new_offs]
                 if top < best[1]:
                     best = (new_offs, top, "search", cand)
                     results["search"] = top
-        results.setdefault("search", cur)
+        results.setdefault("search", min(st[1] for st in states))
     assert best is not None
     return best[0], best[1], best[2], results
 
