@@ -2,11 +2,12 @@
 
     python -m benchmarks.fold [--models resnet50 bert-tiny ...] [--quick] [--repeats N]
 
-Models: every light model shipped in the onnx package, and each zoo model exported two
-ways with the TorchScript exporter (torch's dynamo exporter needs onnxscript, which is
-not installed here): ``dyn`` (symbolic batch, the exporter's constant folding on, what
-``opc.models.export`` writes) and ``raw`` (static batch, ``do_constant_folding=False``:
-BatchNorm and shape arithmetic left in, the graph a hand-written export gives).
+Models: every light model shipped in the onnx package, and each zoo model exported three
+ways: ``dyn`` (TorchScript exporter, symbolic batch, its constant folding on: what
+``opc.models.export`` writes), ``raw`` (TorchScript exporter, static batch,
+``do_constant_folding=False``: BatchNorm and shape arithmetic left in) and ``dynamo``
+(torch's dynamo exporter with ``optimize=False``, static batch; needs onnxscript: conv
+biases built as Expand(CastLike(0, x)), BatchNorm unfused).
 
 Columns: nodes (all graphs), file bytes, ORT latency median (ms, 1 thread, ORT's own
 optimizations on), compile time (s), max_rel = max |y - y_ref| / max |y_ref| against the
@@ -58,6 +59,28 @@ def raw_export(name: str) -> Path:
     return path
 
 
+def dynamo_export(name: str) -> Path:
+    """Zoo model ``name`` through torch's dynamo exporter without its optimizer (cached)."""
+    import torch
+
+    import opc.models as zoo
+    from opc.ir import save_model
+
+    common.CACHE.mkdir(parents=True, exist_ok=True)
+    path = common.CACHE / f"{name}-dynamo-t{torch.__version__.split('+')[0]}.onnx"
+    if path.exists():
+        return path
+    ins = zoo.input_names(name)
+    example = zoo.sample_data(name, 1, "calib")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(zoo.build(name), tuple(torch.from_numpy(example[k]) for k in ins),
+                                    dynamo=True, optimize=False, input_names=ins,
+                                    output_names=zoo.output_names(name), verbose=False)
+    save_model(program.model_proto, path)
+    return path
+
+
 def models(selected: list[str] | None, quick: bool) -> list[tuple[str, Path]]:
     wanted = selected or (QUICK if quick else None)
     out = []
@@ -73,6 +96,11 @@ def models(selected: list[str] | None, quick: bool) -> list[tuple[str, Path]]:
             out.append((f"{name} raw", raw_export(name)))
         except Exception as exc:  # torch missing or an export failure: say so, keep going
             print(f"skipping {name}: {type(exc).__name__}: {exc}")
+            continue
+        try:
+            out.append((f"{name} dynamo", dynamo_export(name)))
+        except Exception as exc:  # the dynamo exporter needs onnxscript and may not handle a model
+            print(f"skipping {name} dynamo: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
     return out
 
 

@@ -145,3 +145,21 @@ def test_batchnorm_on_generated_weights_keeps_them_generated():
     assert out.ByteSize() <= model.ByteSize()
     assert_same_outputs(model, out)
     assert_idempotent(out)
+
+
+def test_dynamo_style_zero_bias_then_batchnorm():
+    # torch's dynamo exporter (optimize=False) writes the bias as Expand(CastLike(0, x), Shape(w)[:1])
+    nodes = [helper.make_node("Shape", ["w"], ["ws"], start=0, end=1),
+             helper.make_node("Constant", [], ["one"], value_ints=[1]),
+             helper.make_node("Expand", ["ws", "one"], ["bshape"]),
+             helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, np.float64))),
+             helper.make_node("CastLike", ["zero", "x"], ["zero_f"]),
+             helper.make_node("Expand", ["zero_f", "bshape"], ["bias0"]),
+             helper.make_node("Conv", ["x", "w", "bias0"], ["c"], pads=[1, 1, 1, 1]), _bn(),
+             helper.make_node("Relu", ["b"], ["y"])]
+    model = _model(nodes, [_init("w", [8, 3, 3, 3])] + _bn_inits(8), ["N", 3, 6, 6], ["N", 8, 6, 6], opset=20)
+    out, result = fold(model)
+    assert ops(out) == ["Conv", "Relu"]
+    assert result.stats["castlike_folded"] == 1 and result.stats["batchnorms_fused"] == 1
+    assert_same_outputs(model, out)
+    assert_idempotent(out)
