@@ -31,6 +31,11 @@ from opc.errors import ModelError, OpcError
 from opc.ir import load_model, save_model
 from opc.validate import check_custom_domains
 
+if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:  # keep hypothesis' caches out of the working tree
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "opc-hypothesis"))
+
 EXAMPLES = int(os.environ.get("OPC_FUZZ_EXAMPLES", "400"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 derandomize=os.environ.get("OPC_FUZZ_RANDOM") != "1",
