@@ -252,3 +252,21 @@ def test_zero_default_inputs_are_dropped():
     assert result.stats["default_inputs_dropped"] == 3
     assert_same_outputs(model, out)
     assert_idempotent(out)
+
+
+def test_subgraph_output_identity_of_an_outer_value_stays():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x, bool c) => (float[N, 4] y) {
+      e = Exp(x)
+      y = If(c) <
+        then_branch = t () => (float[N, 4] o1) { o1 = Identity(e) },
+        else_branch = f () => (float[N, 4] o2) { o2 = Neg(x) }
+      >
+    }
+    """)
+    out, result = fold(model)
+    then_g = [a.g for a in out.graph.node[1].attribute if a.name == "then_branch"][0]
+    assert [n.op_type for n in then_g.node] == ["Identity"]
+    assert [n.output[0] for n in out.graph.node] == ["e", "y"]
+    assert result.modified is False

@@ -38,8 +38,8 @@ class State:
     # tensor name -> (elem_type or 0, dims tuple or None); dims hold ints, str (symbolic) or None
     types: dict = field(default_factory=dict)
     counter: int = 0
-    # tensors that must keep their producer (graph outputs of every nested graph)
-    pinned: set = field(default_factory=set)
+    # tensors that must keep their producer: id(graph output) -> the graph (nested ones too)
+    pinned: dict = field(default_factory=dict)
 
     def fresh(self, hint: str) -> str:
         self.counter += 1
@@ -97,7 +97,8 @@ def producer(t: gs.Tensor) -> gs.Node | None:
 
 
 def pin_outputs(state: State, graph: gs.Graph) -> None:
-    state.pinned = {id(t) for g in iter_graphs(graph) for t in g.outputs}
+    """Record every graph output (of nested graphs too) with the graph it belongs to."""
+    state.pinned = {id(t): g for g in iter_graphs(graph) for t in g.outputs}
 
 
 def replace_tensor(state: State, old: gs.Tensor, new: gs.Tensor) -> bool:
@@ -110,6 +111,8 @@ def replace_tensor(state: State, old: gs.Tensor, new: gs.Tensor) -> bool:
         if (node is None or not isinstance(new, gs.Variable) or id(new) in state.pinned
                 or any(c is not producer(old) for c in new.outputs)):
             return False
+        if not any(n is node for n in state.pinned[id(old)].nodes):
+            return False  # new comes from an outer graph: a subgraph output must stay its own value
         for consumer in list(old.outputs):
             _swap_input(consumer, old, new)  # none expected; kept for safety
         node.outputs[node.outputs.index(new)] = old
