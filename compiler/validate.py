@@ -506,6 +506,16 @@ def _check_graph_inputs(model: onnx.ModelProto, source: str) -> None:
             name = tensor_dtype_name(elem)
             if name is None:
                 raise ModelError(f"{source}: graph input '{value.name}' has no valid element type ({elem})")
+            dims = [d.dim_value for d in value.type.tensor_type.shape.dim if d.HasField("dim_value")]
+            if any(d < 0 for d in dims):
+                raise ModelError(f"{source}: graph input '{value.name}' has negative dims {dims}")
+            numel = 1
+            for d in dims:
+                numel *= d
+            nbytes = numel * (np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).itemsize
+                              if name not in _SUB_BYTE_BITS and name != "STRING" else 1)
+            if nbytes > MAX_TENSOR_BYTES:
+                raise ModelError(f"{source}: graph input '{value.name}' has absurd dims {dims} ({nbytes} bytes)")
 
 
 def _check_graphs(model: onnx.ModelProto, source: str, opset: int, local_functions: set) -> None:

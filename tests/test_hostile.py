@@ -244,6 +244,15 @@ def test_bad_constant_attribute_tensor(ws):
     ws.refuse(p, "attribute 'value' of node 'const1'", "[4, 4]")
 
 
+@pytest.mark.parametrize("dims, needle", [([2**62, 2**62], "absurd dims"), ([2**20, 2**20, 2**10], "absurd dims"),
+                                          ([-3, 4], "negative dims")])
+def test_absurd_graph_input_dims(ws, dims, needle):
+    # --verify would try to allocate seeded inputs of this shape
+    m = model_with([helper.make_node("Relu", ["x"], ["y"], name="r")], [vi("x", dims)], [vi("y")])
+    p = ws.write_model(m)
+    ws.refuse(p, "graph input 'x'", needle, extra=["--verify"])
+
+
 # --- nesting --------------------------------------------------------------------------
 
 
