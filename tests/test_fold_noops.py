@@ -270,3 +270,28 @@ def test_subgraph_output_identity_of_an_outer_value_stays():
     assert [n.op_type for n in then_g.node] == ["Identity"]
     assert [n.output[0] for n in out.graph.node] == ["e", "y"]
     assert result.modified is False
+
+
+def test_rules_run_inside_loop_bodies():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2] x, int64 n) => (float[2] y) {
+      cond = Constant <value = bool {1}> ()
+      y = Loop(n, cond, x) <body = b (int64 i, bool c, float[2] acc) => (bool co, float[2] acc_out) {
+          co = Identity(c)
+          k = Constant <value = float[2] {1.0, 2.0}> ()
+          k2 = Mul(k, k)
+          a = Identity(acc)
+          acc_out = Add(a, k2)
+      }>
+    }
+    """)
+    out, result = fold(model)
+    body = out.graph.node[0].attribute[0].g
+    assert [n.op_type for n in body.node] == ["Identity", "Add"]
+    assert result.stats["constants_folded"] == 1 and result.stats["identity_removed"] == 1
+    from opc.ort import make_session
+
+    feeds = {"x": np.array([0.5, -1.0], np.float32), "n": np.array(3, np.int64)}
+    np.testing.assert_array_equal(make_session(model).run(None, feeds)[0], make_session(out).run(None, feeds)[0])
+    assert_idempotent(out)
