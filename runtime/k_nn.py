@@ -288,6 +288,9 @@ def _conv_transpose(node, xp):
             oshape = list(oshape)[-n:]
             for i in range(n):
                 total = full[i] - oshape[i]
+                if total < 0:  # asked for more than the kernels cover: zeros at the end
+                    full[i] -= total
+                    total = 0
                 if auto == "SAME_UPPER":
                     pads[i], pads[i + n] = total // 2, total - total // 2
                 else:
@@ -456,8 +459,21 @@ def _bn(node, xp):
     eps = node.a("epsilon", 1e-5)
     cache = {}
 
+    training = bool(node.a("training_mode", 0))
+    momentum = node.a("momentum", 0.9)
+
     def run(ins, outs, ws):
         x, scale, bias, mean, var = ins[:5]
+        if training:
+            axes = (0,) + tuple(range(2, x.ndim))
+            bm, bv = x.mean(axis=axes), x.var(axis=axes)
+            shp = (1, -1) + (1,) * (x.ndim - 2)
+            y = (x - bm.reshape(shp)) / xp.sqrt(bv.reshape(shp) + eps) * scale.reshape(shp) + bias.reshape(shp)
+            res = [y.astype(x.dtype, copy=False)]
+            if len(node.outputs) > 1:
+                res.append((mean * momentum + bm * (1 - momentum)).astype(mean.dtype))
+                res.append((var * momentum + bv * (1 - momentum)).astype(var.dtype))
+            return res
         key = (id(scale), id(bias), id(mean), id(var))
         ent = cache.get(key)
         if ent is None or ent[0] is not scale:

@@ -55,7 +55,8 @@ def _reshape(node, xp):
 def _flatten(node, xp):
     def run(ins, outs, ws):
         x = ins[0]
-        axis = node.a("axis", 1) % (x.ndim + 1) if x.ndim else 0
+        axis = node.a("axis", 1)
+        axis = axis + x.ndim if axis < 0 else axis
         return x.reshape(int(np.prod(x.shape[:axis])), -1) if x.size else \
             x.reshape(int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:])))
     return run
@@ -394,7 +395,9 @@ def _reduce(node, xp):
             if op in ("ReduceMax", "ReduceMin") and x.size == 0:
                 shape = [1 if (ax is None or i in ax) else d for i, d in enumerate(x.shape)]
                 fill = -np.inf if op == "ReduceMax" else np.inf
-                if x.dtype.kind != "f":
+                if x.dtype == np.bool_:
+                    fill = op == "ReduceMin"
+                elif x.dtype.kind != "f":
                     fill = np.iinfo(x.dtype).min if op == "ReduceMax" else np.iinfo(x.dtype).max
                 y = xp.full(shape, fill, dtype=x.dtype)
                 return y if keep else y.reshape([d for i, d in enumerate(shape) if not (ax is None or i in ax)])
@@ -407,6 +410,8 @@ def _reduce(node, xp):
             y = xp.sum(x * x, axis=ax, keepdims=keep)
         elif op == "ReduceLogSum":
             y = xp.log(xp.sum(x, axis=ax, keepdims=keep))
+        elif x.size == 0:
+            y = xp.log(xp.sum(xp.exp(x), axis=ax, keepdims=keep))
         else:
             m = xp.max(x, axis=ax, keepdims=True)
             m = xp.where(xp.isfinite(m), m, 0)
@@ -444,8 +449,12 @@ def _topk(node, xp):
         axis = node.a("axis", -1) % x.ndim
         largest = node.a("largest", 1)
         # stable sort on (-x) keeps the lower index first among equal values, as ONNX requires
-        key = -x if largest else x
-        idx = xp.argsort(key, axis=axis, kind="stable")
+        if largest:  # descending, ties by lower index: sort the reversed array ascending, reverse back
+            n = x.shape[axis]
+            idx = xp.argsort(xp.flip(x, axis=axis), axis=axis, kind="stable")
+            idx = xp.flip(n - 1 - idx, axis=axis)
+        else:
+            idx = xp.argsort(x, axis=axis, kind="stable")
         idx = xp.take(idx, xp.arange(k), axis=axis)
         return [xp.take_along_axis(x, idx, axis=axis), idx.astype(xp.int64)]
     return run
@@ -516,7 +525,8 @@ def _s2d(node, xp):
         x = ins[0]
         b = node.a("blocksize")
         N, C, H, W = x.shape
-        y = x.reshape(N, C, H // b, b, W // b, b).transpose(0, 3, 5, 1, 2, 4)
+        y = x.reshape(N, C, H // b, b, W // b, b)
+        y = y.transpose(0, 1, 3, 5, 2, 4) if node.a("mode", "DCR") == "CRD" else y.transpose(0, 3, 5, 1, 2, 4)
         return xp.ascontiguousarray(y).reshape(N, C * b * b, H // b, W // b)
     return run
 

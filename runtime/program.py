@@ -76,7 +76,7 @@ def _store(vals, step, res):
         res = (res,)
     for s, r in zip(step.outs, res):
         if s >= 0:
-            vals[s] = r
+            vals[s] = np.asarray(r) if isinstance(r, (np.generic, int, float, bool)) else r
 
 
 def opset_map(model_or_opsets) -> dict[str, int]:

@@ -191,6 +191,8 @@ class Session:
                 for k, (s, r) in enumerate(zip(step.outs, res)):
                     if s < 0:
                         continue
+                    if not isinstance(r, xp.ndarray):  # a NumPy scalar from a full reduction
+                        r = xp.asarray(r)
                     v = views[k] if views is not None else None
                     if v is not None and r is not v and r.shape == v.shape and r.dtype == v.dtype:
                         xp.copyto(v, r)  # a kernel that cannot write in place: keep the slot in the arena
@@ -203,6 +205,8 @@ class Session:
                 for k, (s, r) in enumerate(zip(step.outs, res)):
                     if s < 0:
                         continue
+                    if not isinstance(r, xp.ndarray):
+                        r = xp.asarray(r)
                     vals[s] = r
                     if trace:
                         alias = step.spec.alias and k == 0 and ins and ins[0] is not None and \

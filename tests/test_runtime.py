@@ -230,3 +230,11 @@ def test_session_from_path(tmp_path):
     onnx.save(model, path)
     got = rt.Session(path, backend="numpy").run(None, feeds)[0]
     assert compare(_ort(model, feeds)[0], got)["max_rel"] <= RTOL
+
+
+def test_ops_without_onnx_node_cases_match_ort():
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 3, 5, 4] x) => (float[2, 3, 1, 1] y) { y = GlobalLpPool <p = 3> (x) }
+    """)
+    _check(model, {"x": np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)})
