@@ -51,6 +51,7 @@ import os
 import random
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -447,7 +448,11 @@ class _Search:
         self.used = 0
         self.baseline: TrialResult | None = None
         ops = {n.op_type for n in model.graph.node}
-        self.has_matmul = bool(ops & set(MATMUL_OPS))
+        counts = Counter(n.op_type for n in model.graph.node)
+        self.matmul_nodes = {n.name for n in model.graph.node if n.op_type in MATMUL_OPS}
+        # weight-only and SmoothQuant are for models made mostly of MatMul/Gemm (transformers),
+        # not for a CNN with one classifier Gemm
+        self.has_matmul = sum(counts[o] for o in MATMUL_OPS) > counts["Conv"] + counts["ConvTranspose"]
 
     # bookkeeping
     def key(self, r: TrialResult) -> float:
@@ -524,7 +529,8 @@ class _Search:
             base, table = self.calibration_phase(first, table)
         order = fallback_order(self.model, table)
         self.order = order
-        if self.best() is None or not self.meets(self.best()):
+        if not any(self.meets(r) and not self.config_of.get(r.pipeline, Config()).weight_only
+                   for r in self.results):
             self.fallback_phase(base, order)
         self.improve_phase(order)
 
@@ -548,8 +554,10 @@ class _Search:
             if self.left() <= 0:
                 break
             results += self.evaluate(items[start:start + self.batch()])
-        good = [r for r in results if r.ok]
-        pick = min(good, key=lambda r: (r.drop, r.index))
+        # the fallback keeps layers in float from the best *static* configuration: a
+        # weight-only one that meets the budget is a candidate, not a reason to stop here
+        static = [r for r in results if r.ok and not self.config_of.get(r.pipeline, Config()).weight_only]
+        pick = min(static or [first], key=lambda r: (r.drop, r.index))
         return self.config_of.get(pick.pipeline, Config()), table
 
     def fallback_phase(self, base: Config, order: list[str]) -> None:
@@ -597,7 +605,8 @@ class _Search:
             if self.has_matmul and pass_default("quantize", "weight_only") is not None:
                 groups.append([(replace(cfg, weight_only=not cfg.weight_only),
                                 "weight-only" if not cfg.weight_only else "full quantization")])
-            keep = [n for n in order if n not in cfg.exclude]
+            # weight-only quantizes MatMul/Gemm alone: keeping a Conv in float changes nothing
+            keep = [n for n in order if n not in cfg.exclude and (not cfg.weight_only or n in self.matmul_nodes)]
             if len(keep) > 1:
                 moves = [(replace(cfg, exclude=cfg.exclude + (n,)), f"keep {n} in float") for n in keep]
                 self.rng.shuffle(moves)

@@ -90,6 +90,9 @@ class FakeTask:
         passes = parse_pipeline(trial.pipeline)
         q = [p for p in passes if p.name == "quantize"]
         quantized = [n for n in self.costs if q and n not in q[0].exclude]
+        if q and q[0].weight_only:  # lossless here, and slower than static quantization
+            return TrialResult(index=trial.index, pipeline=trial.pipeline, phase=trial.phase, note=trial.note,
+                               metric=1.0, drop=0.0, latency_ms=9.5, size_bytes=80, worker=str(os.getpid()))
         details, acc = {}, 0.0
         if trial.phase in ("sensitivity", "calibration"):
             table = []
@@ -103,10 +106,13 @@ class FakeTask:
                            details=details, worker=str(os.getpid()))
 
 
-def _search(costs, max_drop, trials, objective="latency", runner=None):
+def _search(costs, max_drop, trials, objective="latency", runner=None, op="Relu"):
     runner = runner or SerialRunner()
     runner.start(FakeTask(costs))
-    s = _Search(runner, _chain_model(list(costs)), max_drop=max_drop, trials=trials, objective=objective, seed=0)
+    model = _chain_model(list(costs))
+    for node in model.graph.node:
+        node.op_type = op
+    s = _Search(runner, model, max_drop=max_drop, trials=trials, objective=objective, seed=0)
     try:
         s.run()
     finally:
@@ -164,6 +170,14 @@ def test_fallback_bisects_to_the_smallest_float_set():
     ks = [r.note for r in s.results if r.phase == "fallback"]
     assert ks == ["1 most sensitive in float", "2 most sensitive in float", "4 most sensitive in float",
                   "3 most sensitive in float"]
+
+
+def test_a_weight_only_config_that_meets_the_budget_does_not_stop_the_fallback():
+    s = _search({"a": 0.001, "b": 0.02, "c": 0.001}, max_drop=0.01, trials=20, op="MatMul")
+    wo = [r for r in s.results if "weight_only=true" in r.pipeline]
+    assert wo and s.meets(wo[0]) and wo[0].phase == "calibration"
+    assert any(r.phase == "fallback" for r in s.results)
+    assert s.best().pipeline == "fold,quantize(exclude=[b],sensitivity_samples=0)"  # 7 ms beats 9.5 ms
 
 
 def test_trial_budget_is_respected_and_a_miss_reports_the_closest():
