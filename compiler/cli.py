@@ -335,6 +335,42 @@ def export_cmd(
 
 
 # [run/bench]
+@app.command("run")
+def run_cmd(
+    model: Path,
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help=".npz keyed by input name (default: seeded random)"),
+    backend: str = typer.Option("auto", "--backend", help="auto, numpy or cupy"),
+    save_outputs: Optional[Path] = typer.Option(None, "--save-outputs", help="write the outputs to this .npz"),
+    compare_to: Optional[str] = typer.Option(None, "--compare-to", help="ort: compare with ONNX Runtime (exit 3 if off)"),
+    validate: bool = typer.Option(False, "--validate", help="exit 1 if any output holds NaN or Inf"),
+    rtol: float = typer.Option(1e-4, "--rtol"),
+    atol: float = typer.Option(1e-5, "--atol"),
+    input_shapes: Optional[List[str]] = typer.Option(None, "--input-shapes"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Run MODEL with opc's runtime (NumPy, or CuPy on a GPU) and print its outputs."""
+    from opc.runtime.cli_impl import run_command
+
+    run_command(model, inputs, backend, save_outputs, compare_to, validate, rtol, atol,
+                parse_input_shapes(input_shapes), seed, _out)
+
+
+@app.command("bench")
+def bench_cmd(
+    model: Path,
+    backend: str = typer.Option("auto", "--backend", help="auto, numpy or cupy"),
+    batch: int = typer.Option(1, "--batch", help="batch size (symbolic first dimensions)"),
+    vs: Optional[str] = typer.Option(None, "--vs", help="ort: also time ONNX Runtime CPU"),
+    repeats: int = typer.Option(20, "--repeats"),
+    threads: int = typer.Option(1, "--threads", help="BLAS / ORT intra-op threads"),
+    input_shapes: Optional[List[str]] = typer.Option(None, "--input-shapes"),
+):
+    """Median latency of MODEL in opc's runtime (and ONNX Runtime with --vs ort)."""
+    from opc.runtime.cli_impl import bench_command
+
+    bench_command(model, backend, batch, vs, repeats, threads, parse_input_shapes(input_shapes), _out)
+
+
 # [tune]
 @app.command("tune")
 def tune_cmd(
@@ -380,11 +416,18 @@ def _click_errors(name: str) -> tuple:
 _WARNED: set = set()
 
 
+def _err(line: str) -> None:
+    """One line on stderr. Names come from untrusted files: whitespace runs become one
+    space and other control characters (terminal escape sequences) are shown escaped."""
+    line = " ".join(line.split())
+    typer.echo("".join(c if c.isprintable() else repr(c)[1:-1] for c in line), err=True)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     key = getattr(message, "detail", str(message))
     if key not in _WARNED:  # a model is validated when loaded and again when compiled
         _WARNED.add(key)
-        typer.echo(f"opc: warning: {message}", err=True)
+        _err(f"opc: warning: {message}")
 
 
 class _Terminated(BaseException):
@@ -448,10 +491,10 @@ def _main(argv: list[str]) -> int:
         except _click_errors("UsageError") as exc:
             text = " ".join(exc.format_message().split())
             if text:  # empty when no arguments at all: the help was printed instead
-                typer.echo(f"opc: usage error: {text}", err=True)
+                _err(f"opc: usage error: {text}")
             return EXIT_USAGE
         except _click_errors("ClickException") as exc:
-            typer.echo(f"opc: error: {' '.join(exc.format_message().split())}", err=True)
+            _err(f"opc: error: {exc.format_message()}")
             return exc.exit_code
         except (KeyboardInterrupt, *_click_errors("Abort")):
             typer.echo("opc: interrupted", err=True)
@@ -462,7 +505,7 @@ def _main(argv: list[str]) -> int:
         except OpcError as exc:
             if _DEBUG:
                 traceback.print_exc()
-            typer.echo(f"opc: error: {exc}", err=True)
+            _err(f"opc: error: {exc}")
             return exc.exit_code
         except MemoryError:
             if _DEBUG:
@@ -475,7 +518,7 @@ def _main(argv: list[str]) -> int:
             if exc.errno == errno.EPIPE:
                 return EXIT_FAILURE
             where = f"{exc.filename}: " if exc.filename else ""
-            typer.echo(f"opc: error: {where}{exc.strerror or exc}", err=True)
+            _err(f"opc: error: {where}{exc.strerror or exc}")
             return EXIT_FAILURE
         except Exception as exc:  # a bug: still one line unless --debug
             if _DEBUG:
@@ -483,8 +526,7 @@ def _main(argv: list[str]) -> int:
             text = " ".join(str(exc).split())
             if len(text) > 300:
                 text = text[:300] + "..."
-            typer.echo(f"opc: internal error: {type(exc).__name__}: {text} (rerun with --debug for the "
-                       "traceback)", err=True)
+            _err(f"opc: internal error: {type(exc).__name__}: {text} (rerun with --debug for the traceback)")
             return EXIT_FAILURE
 
 

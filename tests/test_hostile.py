@@ -87,6 +87,15 @@ def test_unknown_op_in_default_domain(ws):
     ws.refuse(p, str(p), "'frob1'", "unknown op 'Frobnicate'")
 
 
+def test_terminal_escapes_in_names_are_shown_escaped(ws):
+    # a node name that would recolour or retitle the user's terminal if printed raw
+    evil = "n\x1b]0;owned\x07\x1b[2J"
+    m = model_with([helper.make_node("Frobnicate", ["x"], ["y"], name=evil)], [vi("x")], [vi("y")])
+    p = ws.write_model(m)
+    line = ws.refuse(p, "unknown op 'Frobnicate'", "'n\\x1b]0;owned\\x07\\x1b[2J'")
+    assert "\x1b" not in line and "\x07" not in line
+
+
 def test_op_newer_than_the_opset(ws):
     m = model_with([helper.make_node("Gelu", ["x"], ["y"], name="g1")], [vi("x")], [vi("y")], opset=17)
     p = ws.write_model(m)
