@@ -44,6 +44,7 @@ def light_model(name: str, randomize: bool = True, seed: int = 0) -> onnx.ModelP
     del m.graph.node[:]
     m.graph.node.extend(keep)
     m.graph.initializer.extend(new_inits)
+    m.ir_version = max(m.ir_version, 4)  # IR 3 requires every initializer to be a graph input
     return m
 
 

@@ -1,0 +1,66 @@
+"""`opc run` and `opc bench`."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from opc.cli import main
+
+MODEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x) => (float[N, 4] y) { y = Log (x) }
+"""
+
+
+@pytest.fixture()
+def model_path(tmp_path):
+    path = tmp_path / "log.onnx"
+    onnx.save(onnx.parser.parse_model(MODEL), path)
+    return path
+
+
+def test_run_saves_outputs_and_matches_ort(model_path, tmp_path, capsys):
+    x = np.random.default_rng(0).uniform(0.5, 2, (3, 4)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    out = tmp_path / "out.npz"
+    rc = main(["run", str(model_path), "--inputs", str(tmp_path / "in.npz"), "--backend", "numpy",
+               "--save-outputs", str(out), "--compare-to", "ort", "--validate"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "vs ORT y:" in text and "ok" in text and "every output is finite" in text
+    with np.load(out) as z:
+        np.testing.assert_allclose(z["y"], np.log(x), rtol=1e-6)
+
+
+def test_run_validate_fails_on_nan(model_path, tmp_path, capsys):
+    np.savez(tmp_path / "in.npz", x=-np.ones((2, 4), np.float32))
+    rc = main(["run", str(model_path), "--inputs", str(tmp_path / "in.npz"), "--validate"])
+    assert rc == 1
+    assert "output 'y' holds 8 NaN and 0 Inf values" in capsys.readouterr().err
+    # without --validate the same run succeeds
+    assert main(["run", str(model_path), "--inputs", str(tmp_path / "in.npz")]) == 0
+
+
+def test_run_rejects_inputs_that_do_not_fit(model_path, tmp_path, capsys):
+    np.savez(tmp_path / "in.npz", z=np.ones((2, 4), np.float32))
+    assert main(["run", str(model_path), "--inputs", str(tmp_path / "in.npz")]) == 1
+    err = capsys.readouterr().err
+    assert "no array for input 'x'" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    assert main(["run", str(model_path), "--inputs", str(tmp_path / "bad.npz")]) == 1
+    assert "not a readable .npz" in capsys.readouterr().err
+
+
+def test_run_with_seeded_inputs_and_bad_option(model_path, capsys):
+    assert main(["run", str(model_path), "--input-shapes", "x:2,4"]) == 0
+    assert "y: shape (2, 4)" in capsys.readouterr().out
+    assert main(["run", str(model_path), "--compare-to", "tf"]) == 2
+
+
+def test_bench_reports_opc_and_ort(model_path, capsys):
+    rc = main(["bench", str(model_path), "--backend", "numpy", "--batch", "8", "--vs", "ort", "--repeats", "3"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "batch 8: median" in text and "opc/ORT =" in text
