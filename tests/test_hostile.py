@@ -419,3 +419,18 @@ def test_calibration_fifo_is_not_read(ws):
     p = ws.write_model(tiny_model())
     os.mkfifo(ws.path("calib.npz"))
     ws.refuse(p, "calib.npz", "not a regular file", extra=["--calibration-data", ws.path("calib.npz")])
+
+
+def test_run_validate_exits_nonzero_on_non_finite_outputs(ws):
+    pytest.importorskip("opc.runtime.cli_impl")  # `opc run` belongs to the runtime part
+    w = numpy_helper.from_array(np.array([[1, np.nan, np.inf, 2]] * 2, np.float32), "w")
+    src = ws.write_model(_with_initializer(w))
+    assert ws.run("compile", src, "-o", "out.onnx")[0] == 0
+    rc, out, err = ws.run("run", "out.onnx", "--validate", "--backend", "numpy")
+    errors = [line for line in err.splitlines() if not line.startswith("opc: warning:")]
+    assert rc == 1 and len(errors) == 1 and "output 'y'" in errors[0] and "2 NaN" in errors[0], (rc, out, err)
+    rc, out, err = ws.run("run", "out.onnx", "--backend", "numpy")
+    assert rc == 0, err
+    finite = ws.write_model(tiny_model(), "finite.onnx")
+    rc, out, err = ws.run("run", finite, "--validate", "--backend", "numpy")
+    assert rc == 0 and "every output is finite" in out, err
