@@ -135,7 +135,7 @@ def onnxsim_arena(model: onnx.ModelProto) -> tuple[int | None, str]:
     return plan.arena_bytes, note
 
 
-def bench_model(name: str, source: str, path: Path, repeats: int, with_ort: bool) -> dict:
+def bench_model(name: str, source: str, path: Path, repeats: int, with_ort: bool, with_onnxsim: bool = True) -> dict:
     from opc.memory import no_workspace, plan_model
 
     model = onnx.load(str(path))
@@ -158,7 +158,7 @@ def bench_model(name: str, source: str, path: Path, repeats: int, with_ort: bool
         "why": "; ".join(why) or "",
     }
     fixed = _fixed(model, plan.input_shapes)
-    folded = fold_constants(fixed, plan.constants)
+    folded = fold_constants(fixed, plan.constants) if with_onnxsim else None
     tmp = Path(path).with_name(f".plan-bench-{Path(path).stem}.onnx")
     if with_ort:
         onnx.save(fixed, str(tmp))
@@ -183,7 +183,7 @@ def bench_model(name: str, source: str, path: Path, repeats: int, with_ort: bool
     if row.get("arena/ORT") and row["arena/ORT"] > 1 and (row.get("same graph: arena/ORT") or 2) <= 1:
         row["why"] = ("above ORT: ORT runs a rewritten graph (e.g. Pad fused into Conv); on ORT's graph "
                       f"the arena is {row['same graph: arena/ORT']:.3f}x ORT's")
-    sim, note = onnxsim_arena(folded)
+    sim, note = onnxsim_arena(folded) if with_onnxsim else (None, "")
     row["onnxsim MiB"] = sim / MIB if sim is not None else None
     row["arena/onnxsim"] = plan.arena_size / sim if sim else None
     row["onnxsim_bytes"] = sim

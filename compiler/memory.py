@@ -1057,7 +1057,7 @@ def plan_model(model: onnx.ModelProto, input_shapes: dict[str, tuple] | None = N
     """Plan the arena of ``model`` for ``input_shapes`` (see the module docstring)."""
     t0 = time.perf_counter()
     if alignment <= 0 or alignment & (alignment - 1):
-        raise PlanError(f"alignment {alignment} is not a power of two")
+        raise UsageError(f"plan: alignment {alignment} is not a power of two")
     shapes, used, notes = infer_concrete_shapes(model, input_shapes)
     if workspace_fn is None:
         workspace_fn = _default_workspace_fn() or no_workspace

@@ -154,3 +154,10 @@ def test_unknowable_shapes_compile_without_a_plan():
     assert result.modified is False and result.stats == {"tensors_planned": 0}
     assert "no memory plan stored" in result.warnings[0] and "'a'" in result.warnings[0]
     assert META_KEY not in ctx.metadata
+
+
+def test_bad_alignment_is_a_usage_error():
+    from opc.errors import UsageError
+
+    with pytest.raises(UsageError, match="alignment 100 is not a power of two"):
+        opc.compile(_model(CHAIN), "plan(alignment=100)")
