@@ -428,6 +428,12 @@ def check_model(model: onnx.ModelProto, source: str = "<model>") -> None:
         raise ModelError(f"{source}: not a valid ONNX model (no opset_import)")
     check_versions(model, source)
     check_structure_limits(model, source)
+    for tensor, where in iter_tensors(model):
+        # files have theirs loaded (safely) by read_model_file; an in-memory model's would be
+        # read later relative to the current directory, past every check in opc.external_data
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise ModelError(f"{source}: {where} refers to external data that is not loaded; give opc the "
+                             "model's file path instead")
     opset = default_opset(model)
     local_functions = {(f.domain, f.name) for f in model.functions}
     _check_graphs(model, source, opset, local_functions)

@@ -241,3 +241,17 @@ def test_output_over_a_symlinked_cache_file_leaves_the_blob(ws):
     assert blob.read_bytes() == before  # the shared cache blob is not written through
     assert not (snap / "model.onnx").is_symlink()
     np.testing.assert_array_equal(_weights_of(snap / "model.onnx"), WEIGHTS)
+
+
+def test_in_memory_model_with_unloaded_external_data_is_refused(ws):
+    # onnx.load(..., load_external_data=False) then opc.compile(model): the data would be read
+    # relative to the current directory, past the checks above
+    import opc
+
+    os.symlink("outside/secret.bin", ws.root / "w.bin")  # in the working directory
+    model = external_model("w.bin")
+    with pytest.raises(ModelError, match="initializer 'w' refers to external data that is not loaded"):
+        opc.compile(model)
+    onnx.save_model(_reference_model(), str(ws.root / "model" / "model.onnx"), save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=0)
+    opc.compile(str(ws.root / "model" / "model.onnx"))  # by path: loaded safely, fine
