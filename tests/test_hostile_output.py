@@ -23,7 +23,7 @@ import opc.ir
 from hostile_helpers import SENTINEL, Workspace, model_with, snapshot, tiny_model, vi
 from opc.ir import load_model, save_model
 from opc.ort import make_session
-from opc.pass_api import Pass, PassResult
+from opc.pass_api import Pass
 
 
 @dataclass
