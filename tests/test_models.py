@@ -289,3 +289,14 @@ def test_cli_export_errors(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "opc: error: this needs PyTorch: pip install 'opc[torch]'"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_wheel_download_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    from opc.models import assets
+
+    monkeypatch.setenv("OPC_CACHE", str(tmp_path))
+    monkeypatch.setitem(assets.WHEELS, "foolbox", ("0.0.0.999",) + assets.WHEELS["foolbox"][1:])
+    with pytest.raises(OpcError, match=r"pip download foolbox==0.0.0.999 failed: ") as info:
+        assets.wheel_path("foolbox")
+    assert "\n" not in str(info.value)
+    assert list((tmp_path / "wheels").iterdir()) == []
