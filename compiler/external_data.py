@@ -51,7 +51,10 @@ def resolve_location(model_path: Path, location: str, tensor_name: str) -> Path:
         candidate = root / location
         if not os.path.lexists(candidate):
             continue
-        real = candidate.resolve()
+        try:
+            real = candidate.resolve()
+        except (RuntimeError, OSError):  # a symlink loop
+            raise ModelError(f"{where}: the path is a symlink loop") from None
         if not any(real.is_relative_to(r) for r in roots):
             raise ModelError(f"{where}: the path leaves the model folder (it resolves to {real})")
         try:

@@ -135,6 +135,9 @@ def test_missing_and_odd_files(ws):
     ws.refuse(p, "tensor 'w'", "dangling")
     p = write(ws, external_model(""))
     ws.refuse(p, "tensor 'w'", "empty or invalid location")
+    os.symlink("loop.bin", ws.root / "model" / "loop.bin")
+    p = write(ws, external_model("loop.bin"))
+    ws.refuse(p, "tensor 'w'", "symlink loop")
 
 
 def test_external_data_with_absurd_dims_is_refused_before_reading(ws):
