@@ -26,8 +26,11 @@ def cupy_usable() -> bool:
         return False
 
 
-def array_module(backend: str = "auto"):
-    """Return the array module for ``backend`` ("auto" picks CuPy when a GPU is usable)."""
+def array_module(backend="auto"):
+    """Return the array module for ``backend`` ("auto" picks CuPy when a GPU is usable); an
+    array module object passes through (tests run the kernels through a restricted NumPy)."""
+    if not isinstance(backend, str):
+        return backend
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     if backend == "numpy" or (backend == "auto" and not cupy_usable()):
@@ -59,3 +62,21 @@ def data_ptr(a) -> int:
     if isinstance(a, np.ndarray):
         return a.__array_interface__["data"][0]
     return int(a.data.ptr)
+
+
+class RestrictedNumpy:
+    """NumPy showing only the names in ``allowed`` (e.g. ``dir(cupy)``): a kernel calling a
+    NumPy-only function fails with AttributeError on a machine without a GPU."""
+
+    _opc_numpy = True
+    __name__ = "numpy-restricted"
+
+    def __init__(self, allowed):
+        self._allowed = frozenset(allowed)
+        self.missing: set[str] = set()
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in self._allowed:
+            return getattr(np, name)
+        self.missing.add(name)
+        raise AttributeError(f"xp.{name}: NumPy has it, CuPy does not")
