@@ -7,8 +7,9 @@ What lives in the arena (``MemoryPlan.tensors``)
     Every node output of the main graph except: graph outputs, tensors computed from
     initializers/Constant nodes alone (``MemoryPlan.constants``: weights such as the
     ConstantOfShape outputs of onnx's "light" models; the runtime computes them once, outside
-    the arena, as ONNX Runtime's constant folding does), string tensors, and tensors of size 0
-    are given size 0. Graph inputs, initializers and graph outputs are not in the arena. Nodes
+    the arena, as ONNX Runtime's constant folding does), string tensors and non-tensor values
+    (sequences, maps, optionals); tensors of size 0 get size 0. Graph inputs, initializers
+    and graph outputs are not in the arena (the runtime holds them itself). Nodes
     inside subgraphs (If/Loop/Scan bodies) are not planned; tensors of the outer graph that a
     subgraph reads are kept alive until the node that owns the subgraph has run.
 
@@ -429,6 +430,9 @@ def _infer(model: onnx.ModelProto, notes: list[str]) -> tuple[dict, dict]:
         info[t.name] = (tuple(t.dims), t.data_type)
     for v in list(g.input) + list(g.value_info) + list(g.output):
         tt = v.type.tensor_type
+        if v.type.WhichOneof("value") not in (None, "tensor_type"):
+            info[v.name] = ((), onnx.TensorProto.UNDEFINED)  # sequence, map, optional: not planned
+            continue
         if not v.type.HasField("tensor_type") or not tt.HasField("shape"):
             continue
         if all(d.HasField("dim_value") for d in tt.shape.dim):
@@ -543,7 +547,9 @@ def _shapes_from_ort(model: onnx.ModelProto, names: list[str], input_shapes: dic
                          f"shape inference left them unknown and ONNX Runtime failed: {exc}") from None
     info = {}
     for name in names:
-        if name in out:
+        if name in out and not isinstance(out[name], np.ndarray):
+            info[name] = ((), onnx.TensorProto.UNDEFINED)  # a sequence or map: not planned
+        elif name in out:
             arr = np.asarray(out[name])
             info[name] = (tuple(arr.shape), onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
                           if arr.dtype != object else onnx.TensorProto.STRING)
@@ -1147,6 +1153,8 @@ def memory_report(model: onnx.ModelProto) -> dict[str, Any]:
         plan, source = model_plan(model)
     except OpcError as exc:
         return {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - inspect reports; a planning failure must not stop it
+        return {"error": f"planning failed ({type(exc).__name__}: {exc})"}
     kinds = [s.kind for s in plan.tensors.values()]
     return {
         "source": source,

@@ -466,3 +466,17 @@ def test_the_runtime_workspace_function_is_used_and_guarded(monkeypatch):
     assert calls == ["Softmax"] * 4
     assert list(plan.workspaces) == [1] and plan.workspaces[1].size == 512
     plan.check()
+
+
+def test_sequences_are_not_planned():
+    model = parse(HEADER + """
+seq (float[2,4] x) => (float[4,4] y) {
+  a = Relu(x)
+  b = Sigmoid(x)
+  s = SequenceConstruct(a, b)
+  y = ConcatFromSequence<axis = 0>(s)
+}
+""")
+    plan = plan_model(model, workspace_fn=no_workspace)
+    plan.check()
+    assert set(plan.tensors) == {"a", "b"} and plan.tensors["a"].last_use == 2
