@@ -723,11 +723,9 @@ def liveness(model: onnx.ModelProto, shapes: dict[str, tuple[tuple, int]], order
             s = step_of[idx]
             tensors[o] = Slot(0, size, tuple(int(d) for d in shape), dt[0], None, s, s, "tensor")
 
-    reads_of: dict[int, list[str]] = {}
     for idx in order:
         n = nodes[idx]
         reads = [i for i in n.input if i] + list(n.sub_reads)
-        reads_of[idx] = reads
         s = step_of[idx]
         for i in reads:
             if i in tensors:
@@ -1069,12 +1067,15 @@ def plan_model(model: onnx.ModelProto, input_shapes: dict[str, tuple] | None = N
         workspace_fn = _default_workspace_fn() or no_workspace
     nodes = node_table(model)
     lv = liveness(model, shapes, order, workspace_fn, alignment, nodes)
-    if reorder and order is None:
-        better = liveness(model, shapes, memory_aware_order(model, lv, nodes), workspace_fn, alignment, nodes)
-        if better.lower_bound < lv.lower_bound:
-            notes.append(f"nodes reordered: peak of live bytes {lv.lower_bound} -> {better.lower_bound}")
-            lv = better
     offsets, arena, strategy, results = assign_offsets(lv.buffers, lv.live, strategies, time_limit, seed)
+    if reorder and order is None and arena > 0:
+        other = liveness(model, shapes, memory_aware_order(model, lv, nodes), workspace_fn, alignment, nodes)
+        if other.lower_bound < lv.lower_bound:
+            placed = assign_offsets(other.buffers, other.live, strategies, time_limit, seed)
+            if placed[1] < arena:  # the new order is kept only if the arena itself shrinks
+                notes.append(f"nodes reordered: peak of live bytes {lv.lower_bound} -> {other.lower_bound}")
+                lv = other
+                offsets, arena, strategy, results = placed
     for b, off in zip(lv.buffers, offsets):
         if b.root is None:
             lv.workspaces[b.node].offset = off

@@ -258,7 +258,7 @@ def test_json_round_trip_and_file_save_load(tmp_path):
     assert again is not None and again.arena_size == plan.arena_size and again.matches(loaded)
     again.check()
     # ONNX Runtime ignores the metadata and still runs the model
-    from opc.ort import make_session, run_model, seeded_feeds
+    from opc.ort import run_model, seeded_feeds
 
     out = run_model(loaded, seeded_feeds(loaded))
     assert out["y"].shape == (1, 1024)
