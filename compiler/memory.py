@@ -131,6 +131,19 @@ class Slot:
 
 @dataclass
 class MemoryPlan:
+    """One arena for every intermediate tensor of a graph, for ``input_shapes``.
+
+    ``arena_size`` bytes (a multiple of ``alignment``); ``order``: node indices in execution
+    order; ``tensors``: name -> ``Slot`` (bytes [offset, offset + size), shape, dtype, the
+    steps it is alive, and for aliases ``alias_of`` = the tensor owning the bytes with
+    ``kind`` "view" (Reshape/Flatten/Squeeze/Unsqueeze/Identity: no copy) or "inplace"
+    (element-wise op written over an input that dies there)); ``workspaces``: node index ->
+    one-step scratch ``Slot``; ``constants``: node outputs computed from weights alone (outside
+    the arena); ``lower_bound``: max aligned live bytes over the steps; ``naive_total``: no
+    reuse at all. Tensors not listed (graph inputs/outputs, constants, strings, sequences)
+    live outside the arena.
+    """
+
     arena_size: int
     alignment: int
     input_shapes: dict[str, tuple]
