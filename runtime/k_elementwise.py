@@ -292,3 +292,9 @@ def _where(node, xp):
         c, a, b = ins
         return xp.where(c, a, b)
     return run
+
+
+@kernel("Swish")
+def _swish(node, xp):
+    alpha = node.a("alpha", 1.0)
+    return lambda ins, outs, ws: (ins[0] / (1 + xp.exp(-alpha * ins[0]))).astype(ins[0].dtype, copy=False)

@@ -646,3 +646,36 @@ def _sm(xp, op, x, axis, o):
     s = xp.sum(e, axis=axis, keepdims=True)
     e /= s
     return e
+
+
+@kernel("RMSNormalization")
+def _rmsnorm(node, xp):
+    eps = node.a("epsilon", 1e-5)
+    axis0 = node.a("axis", -1)
+
+    def run(ins, outs, ws):
+        x, s = ins[0], ins[1]
+        axes = tuple(range(axis0 % x.ndim, x.ndim))
+        xf = x.astype(xp.float32) if x.dtype != np.float64 else x
+        inv = 1.0 / xp.sqrt(xp.mean(xf * xf, axis=axes, keepdims=True) + eps)
+        return (xf * inv * s).astype(x.dtype, copy=False)
+    return run
+
+
+@kernel("GroupNormalization")
+def _groupnorm(node, xp):
+    eps = node.a("epsilon", 1e-5)
+    groups = node.a("num_groups")
+
+    def run(ins, outs, ws):
+        x, s, b = ins
+        N, C = x.shape[:2]
+        xg = x.reshape(N, groups, -1).astype(xp.float32 if x.dtype != np.float64 else x.dtype)
+        m = xg.mean(axis=2, keepdims=True)
+        v = ((xg - m) ** 2).mean(axis=2, keepdims=True)
+        y = ((xg - m) / xp.sqrt(v + eps)).reshape(x.shape)
+        shp = (1, C) + (1,) * (x.ndim - 2)
+        if s.shape[0] != C:  # opset 18: one scale/bias per group
+            s, b = xp.repeat(s, C // groups), xp.repeat(b, C // groups)
+        return (y * s.reshape(shp) + b.reshape(shp)).astype(x.dtype, copy=False)
+    return run

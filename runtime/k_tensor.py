@@ -556,3 +556,36 @@ def _compress(node, xp):
 def _einsum(node, xp):
     eq = node.a("equation").replace(" ", "")
     return lambda ins, outs, ws: xp.einsum(eq, *ins)
+
+
+@kernel("CumProd")
+def _cumprod(node, xp):
+    def run(ins, outs, ws):
+        x = ins[0]
+        axis = host_ints(ins[1])[0] % x.ndim
+        rev, excl = node.a("reverse", 0), node.a("exclusive", 0)
+        y = xp.flip(x, axis=axis) if rev else x
+        if excl:
+            ones = xp.ones_like(xp.take(y, xp.arange(1), axis=axis))
+            y = xp.concatenate([ones, xp.take(y, xp.arange(y.shape[axis] - 1), axis=axis)], axis=axis)
+        c = xp.cumprod(y, axis=axis).astype(x.dtype)
+        return xp.ascontiguousarray(xp.flip(c, axis=axis) if rev else c)
+    return run
+
+
+@kernel("ReverseSequence")
+def _revseq(node, xp):
+    def run(ins, outs, ws):
+        x, lens = ins
+        b_ax, t_ax = node.a("batch_axis", 1), node.a("time_axis", 0)
+        y = x.copy()
+        for b, n in enumerate(host_ints(lens)):
+            src = [slice(None)] * x.ndim
+            src[b_ax] = b
+            src[t_ax] = slice(n - 1, None, -1) if n > 0 else slice(0, 0)
+            dst = [slice(None)] * x.ndim
+            dst[b_ax] = b
+            dst[t_ax] = slice(0, n)
+            y[tuple(dst)] = x[tuple(src)]
+        return y
+    return run

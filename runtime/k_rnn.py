@@ -1,0 +1,202 @@
+"""Recurrent layers: LSTM, GRU, RNN (ONNX layouts, both directions, sequence_lens, clip).
+
+The input projection of all time steps is one GEMM; each step then does one (batch, H) x
+(H, gates) GEMM and the gate maths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from opc.runtime.registry import kernel
+
+
+def _act(xp, name, alpha, beta):
+    name = name.lower()
+    if name == "sigmoid":
+        return lambda v: 1.0 / (1.0 + xp.exp(-v))
+    if name == "tanh":
+        return xp.tanh
+    if name == "relu":
+        return lambda v: xp.maximum(v, 0)
+    if name == "hardsigmoid":
+        a, b = (0.2 if alpha is None else alpha), (0.5 if beta is None else beta)
+        return lambda v: xp.clip(a * v + b, 0, 1)
+    if name == "leakyrelu":
+        a = 0.01 if alpha is None else alpha
+        return lambda v: xp.where(v >= 0, v, a * v)
+    if name == "thresholdedrelu":
+        a = 1.0 if alpha is None else alpha
+        return lambda v: xp.where(v > a, v, 0)
+    if name == "scaledtanh":
+        return lambda v: alpha * xp.tanh(beta * v)
+    if name == "affine":
+        return lambda v: alpha * v + beta
+    if name == "elu":
+        a = 1.0 if alpha is None else alpha
+        return lambda v: xp.where(v >= 0, v, a * (xp.exp(v) - 1))
+    if name == "softsign":
+        return lambda v: v / (1 + xp.absolute(v))
+    if name == "softplus":
+        return lambda v: xp.log1p(xp.exp(v))
+    raise ValueError(f"activation {name} is not supported")
+
+
+def _acts(node, xp, defaults, dirs):
+    names = list(node.a("activations") or defaults * dirs)
+    alphas = list(node.a("activation_alpha") or [])
+    betas = list(node.a("activation_beta") or [])
+    res = []
+    for i, n in enumerate(names):
+        res.append(_act(xp, n, alphas[i] if i < len(alphas) else None, betas[i] if i < len(betas) else None))
+    return res
+
+
+def _common(node, ins, xp, gates):
+    x, w, r = ins[0], ins[1], ins[2]
+    layout = node.a("layout", 0)
+    if layout:
+        x = xp.swapaxes(x, 0, 1)
+    seq, batch, _ = x.shape
+    dirs, gh, _ = w.shape
+    H = gh // gates
+    b = ins[3] if len(ins) > 3 and ins[3] is not None else xp.zeros((dirs, 2 * gh), dtype=x.dtype)
+    lens = ins[4] if len(ins) > 4 and ins[4] is not None else None
+    h0 = ins[5] if len(ins) > 5 and ins[5] is not None else None
+    if h0 is not None and layout:
+        h0 = xp.swapaxes(h0, 0, 1)
+    return x, w, r, b, lens, h0, seq, batch, dirs, H, layout
+
+
+def _run_dirs(node, xp, x, lens, dirs, seq, batch, H, cell, layout, states):
+    """Run ``cell(d, t, xw_t, state) -> state`` over time for every direction."""
+    direction = node.a("direction", "forward")
+    ys = xp.zeros((seq, dirs, batch, H), dtype=x.dtype)
+    finals = []
+    lens_h = np.full(batch, seq) if lens is None else np.asarray(lens.get() if hasattr(lens, "get") else lens)
+    for d in range(dirs):
+        reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
+        state = states[d]
+        for step in range(seq):
+            t = seq - 1 - step if reverse else step
+            new = cell(d, t, state)
+            if lens is not None:  # rows whose sequence ended keep their state and output 0
+                alive = xp.asarray((t < lens_h).reshape(-1, 1))
+                new = tuple(xp.where(alive, n, s) for n, s in zip(new, state))
+                ys[t, d] = xp.where(alive, new[0], 0)
+            else:
+                ys[t, d] = new[0]
+            state = new
+        finals.append(state)
+    return ys, finals
+
+
+def _outputs(node, xp, ys, finals, layout, n_states):
+    res = []
+    y = ys
+    if layout:
+        y = xp.transpose(ys, (2, 0, 1, 3))
+    res.append(y)
+    for k in range(n_states):
+        s = xp.stack([f[k] for f in finals])
+        res.append(xp.swapaxes(s, 0, 1) if layout else s)
+    return res
+
+
+@kernel("LSTM")
+def _lstm(node, xp):
+    clip = node.a("clip")
+    input_forget = node.a("input_forget", 0)
+
+    def run(ins, outs, ws):
+        x, w, r, b, lens, h0, seq, batch, dirs, H, layout = _common(node, ins, xp, 4)
+        c0 = ins[6] if len(ins) > 6 and ins[6] is not None else None
+        if c0 is not None and layout:
+            c0 = xp.swapaxes(c0, 0, 1)
+        p = ins[7] if len(ins) > 7 and ins[7] is not None else None
+        acts = _acts(node, xp, ["Sigmoid", "Tanh", "Tanh"], dirs)
+        xw = [xp.matmul(x, w[d].T) + b[d, :4 * H] + b[d, 4 * H:] for d in range(dirs)]  # (seq, batch, 4H)
+        zeros = xp.zeros((batch, H), dtype=x.dtype)
+        states = [(h0[d] if h0 is not None else zeros, c0[d] if c0 is not None else zeros) for d in range(dirs)]
+
+        def cell(d, t, state):
+            h, c = state
+            f_, g_, h_ = acts[3 * d], acts[3 * d + 1], acts[3 * d + 2]
+            z = xw[d][t] + xp.matmul(h, r[d].T)
+            if clip is not None:
+                z = xp.clip(z, -clip, clip)
+            zi, zo, zf, zc = z[:, :H], z[:, H:2 * H], z[:, 2 * H:3 * H], z[:, 3 * H:]
+            if p is not None:
+                zi = zi + p[d, :H] * c
+                zf = zf + p[d, 2 * H:] * c
+            i = f_(zi)
+            f = 1 - i if input_forget else f_(zf)
+            c_new = f * c + i * g_(zc)
+            if p is not None:
+                zo = zo + p[d, H:2 * H] * c_new
+            o = f_(zo)
+            return (o * h_(c_new)).astype(x.dtype), c_new.astype(x.dtype)
+
+        ys, finals = _run_dirs(node, xp, x, lens, dirs, seq, batch, H, cell, layout, states)
+        return _outputs(node, xp, ys, finals, layout, 2)
+    return run
+
+
+@kernel("GRU")
+def _gru(node, xp):
+    clip = node.a("clip")
+    lbr = node.a("linear_before_reset", 0)
+
+    def run(ins, outs, ws):
+        x, w, r, b, lens, h0, seq, batch, dirs, H, layout = _common(node, ins, xp, 3)
+        acts = _acts(node, xp, ["Sigmoid", "Tanh"], dirs)
+        xw = [xp.matmul(x, w[d].T) + b[d, :3 * H] for d in range(dirs)]
+        zeros = xp.zeros((batch, H), dtype=x.dtype)
+        states = [(h0[d] if h0 is not None else zeros,) for d in range(dirs)]
+
+        def cell(d, t, state):
+            (h,) = state
+            f_, g_ = acts[2 * d], acts[2 * d + 1]
+            rb = b[d, 3 * H:]
+            xz = xw[d][t]
+            if clip is not None:
+                xz = xp.clip(xz, -clip, clip)
+            hr = xp.matmul(h, r[d, :2 * H].T) + rb[:2 * H]
+            zr = xz[:, :2 * H] + hr
+            if clip is not None:
+                zr = xp.clip(zr, -clip, clip)
+            z, rr = f_(zr[:, :H]), f_(zr[:, H:])
+            if lbr:
+                hh = xz[:, 2 * H:] + rr * (xp.matmul(h, r[d, 2 * H:].T) + rb[2 * H:])
+            else:
+                hh = xz[:, 2 * H:] + xp.matmul(rr * h, r[d, 2 * H:].T) + rb[2 * H:]
+            if clip is not None:
+                hh = xp.clip(hh, -clip, clip)
+            hn = (1 - z) * g_(hh) + z * h
+            return (hn.astype(x.dtype),)
+
+        ys, finals = _run_dirs(node, xp, x, lens, dirs, seq, batch, H, cell, layout, states)
+        return _outputs(node, xp, ys, finals, layout, 1)
+    return run
+
+
+@kernel("RNN")
+def _rnn(node, xp):
+    clip = node.a("clip")
+
+    def run(ins, outs, ws):
+        x, w, r, b, lens, h0, seq, batch, dirs, H, layout = _common(node, ins, xp, 1)
+        acts = _acts(node, xp, ["Tanh"], dirs)
+        xw = [xp.matmul(x, w[d].T) + b[d, :H] + b[d, H:] for d in range(dirs)]
+        zeros = xp.zeros((batch, H), dtype=x.dtype)
+        states = [(h0[d] if h0 is not None else zeros,) for d in range(dirs)]
+
+        def cell(d, t, state):
+            z = xw[d][t] + xp.matmul(state[0], r[d].T)
+            if clip is not None:
+                z = xp.clip(z, -clip, clip)
+            return (acts[d](z).astype(x.dtype),)
+
+        ys, finals = _run_dirs(node, xp, x, lens, dirs, seq, batch, H, cell, layout, states)
+        return _outputs(node, xp, ys, finals, layout, 1)
+    return run
