@@ -56,7 +56,8 @@ _ZOO = [
               "kws", "synthetic: seeded MFCC-shaped random features", True),
     ModelInfo("bert-tiny", "language", "transformer encoder, 2 layers, hidden 128, 2 heads, seq 32, seeded weights",
               "text", "real sentences tokenized with MiniLM's vocabulary (weights seeded random)", False),
-    ModelInfo("minilm-l6", "language", "all-MiniLM-L6-v2 with its real weights, mean-pooled sentence embeddings, seq 32",
+    ModelInfo("minilm-l6", "language",
+              "all-MiniLM-L6-v2 with its real weights, mean-pooled sentence embeddings, seq 32",
               "text", "real: 32 sentence pairs (16 paraphrases, 16 unrelated)", False),
 ]
 MODELS = {m.name: m for m in _ZOO}
@@ -227,12 +228,11 @@ def export(name: str, path: str | Path, opset: int | None = None, batch: int = 1
 
 
 def _export_dynamo(torch, module, args, ins, outs, opset, dynamic_batch):
+    import importlib.util
     import logging
 
-    try:
-        import onnxscript  # noqa: F401  (the dynamo exporter's dependency)
-    except ImportError:
-        raise OpcError("--exporter dynamo needs onnxscript: pip install onnxscript") from None
+    if importlib.util.find_spec("onnxscript") is None:  # the dynamo exporter's dependency
+        raise OpcError("--exporter dynamo needs onnxscript: pip install onnxscript")
     shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1)
