@@ -88,7 +88,8 @@ def run_model(name: str, args) -> tuple[dict, list[dict]]:
                objective=args.objective, seed=0, runner=make_runner(args.workers), log=log,
                repeats=args.repeats, threads=args.threads,
                on_result=lambda r, s: print(f"  [{name}] #{r.index} {r.phase:<11} "
-                                            + (f"drop {r.drop:+.4f} {r.latency_ms:.3f} ms {r.size_bytes}"
+                                            + (f"drop {r.drop:+.4f} {r.latency_ms:.3f} ms "
+                                               f"x{r.rel_latency:.3f} {r.size_bytes}"
                                                if r.ok else f"ERROR {r.error}") + f"  {r.pipeline}", flush=True))
     tune_s = time.perf_counter() - t0
     if res.best is None:
@@ -141,7 +142,7 @@ def run_model(name: str, args) -> tuple[dict, list[dict]]:
         "uniform_pipeline": best_u.pipeline if best_u else None, "tuned_pipeline": best.pipeline,
     }
     front = [{"model": name, "trial": r.index, "phase": r.phase, "drop": round(r.drop, 4),
-              "latency_ms": r.latency_ms, "KiB": r.size_bytes / 1024,
+              "latency_ms": r.latency_ms, "vs_float": r.rel_latency, "KiB": r.size_bytes / 1024,
               "meets": r.drop <= args.max_drop, "pipeline": r.pipeline} for r in res.pareto]
     return row, front
 

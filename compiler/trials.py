@@ -54,6 +54,7 @@ class TrialResult:
     drop: float | None = None
     latency_ms: float | None = None
     latency_spread_ms: float | None = None  # interquartile range of the timed repeats
+    rel_latency: float | None = None  # latency / the float model's, timed in alternating rounds
     size_bytes: int | None = None
     sha256: str | None = None
     compile_s: float = 0.0

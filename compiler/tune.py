@@ -202,6 +202,38 @@ def measure_latency(session, feeds: dict, repeats: int, warmup: int) -> tuple[fl
     return float(q[1]), float(q[2] - q[0])
 
 
+def measure_relative(session, reference, feeds: dict, repeats: int, warmup: int,
+                     rounds: int = 5) -> tuple[float, float, float]:
+    """Time ``session`` and the ``reference`` session (the float model) in alternating rounds.
+
+    Returns (median ms, interquartile range ms, median over rounds of candidate/reference).
+    Other jobs on a shared machine slow both sessions of a round alike, so the ratio is
+    much steadier than either latency: the search compares trials by it.
+    """
+    sessions = [(session, [o.name for o in session.get_outputs()]),
+                (reference, [o.name for o in reference.get_outputs()])]
+    for sess, names in sessions:
+        for _ in range(warmup):
+            sess.run(names, feeds)
+    reps = max(1, repeats // rounds)
+    mine, ratios = [], []
+    for i in range(rounds):
+        medians = {}
+        order = sessions if i % 2 == 0 else sessions[::-1]
+        for sess, names in order:
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                sess.run(names, feeds)
+                times.append((time.perf_counter() - t0) * 1000)
+            medians[id(sess)] = statistics.median(times)
+            if sess is session:
+                mine += times
+        ratios.append(medians[id(session)] / medians[id(reference)])
+    q = np.percentile(mine, [25, 50, 75])
+    return float(q[1]), float(q[2] - q[0]), float(statistics.median(ratios))
+
+
 class Evaluator:
     """Compiles a trial's pipeline and measures metric drop, latency and size."""
 
@@ -220,7 +252,8 @@ class Evaluator:
         if fixed is not None and n % fixed:
             raise DataError(f"the model's batch size is fixed at {fixed}; give a multiple of {fixed} "
                             f"evaluation samples (got {n})")
-        self.reference = self.outputs(self.model)
+        self.float_session = self.session(self.model)
+        self.reference = self.outputs(self.model, self.float_session)
         self.baseline_score = float(self.metric(self.reference, self.reference, task.labels))
 
     def session(self, model):
@@ -251,7 +284,8 @@ class Evaluator:
         payload = model.SerializeToString(deterministic=True)
         sess = self.session(model)
         score = float(self.metric(self.outputs(model, sess), self.reference, self.task.labels))
-        latency, spread = measure_latency(sess, self.latency_feeds, self.task.repeats, self.task.warmup)
+        latency, spread, relative = measure_relative(sess, self.float_session, self.latency_feeds,
+                                                     self.task.repeats, self.task.warmup)
         details = {}
         for record in report.passes:
             table = record.details.get("sensitivity")
@@ -260,6 +294,7 @@ class Evaluator:
         return TrialResult(
             index=trial.index, pipeline=trial.pipeline, phase=trial.phase, note=trial.note,
             metric=score, drop=self.baseline_score - score, latency_ms=latency, latency_spread_ms=spread,
+            rel_latency=relative,
             size_bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest(), compile_s=compile_s,
             time_s=time.perf_counter() - started, worker=f"pid{os.getpid()}", details=details,
         )
@@ -389,10 +424,15 @@ def _local_noise(model: onnx.ModelProto, nsr: dict[str, float]) -> dict[str, flo
     return out
 
 
+def latency_key(r: TrialResult) -> float:
+    """What the search compares: latency relative to the float model timed alongside."""
+    return r.rel_latency if r.rel_latency is not None else r.latency_ms
+
+
 def pareto_front(results: Iterable[TrialResult], objective: str) -> list[TrialResult]:
     """Trials not dominated in (drop, objective) — lower is better in both."""
     pts = [r for r in results if r.ok and r.phase != "baseline"]
-    key = (lambda r: r.latency_ms) if objective == "latency" else (lambda r: r.size_bytes)
+    key = latency_key if objective == "latency" else (lambda r: r.size_bytes)
     front = []
     for r in pts:
         dominated = any(
@@ -456,7 +496,7 @@ class _Search:
 
     # bookkeeping
     def key(self, r: TrialResult) -> float:
-        return r.latency_ms if self.objective == "latency" else r.size_bytes
+        return latency_key(r) if self.objective == "latency" else r.size_bytes
 
     def meets(self, r: TrialResult | None) -> bool:
         return r is not None and r.ok and r.phase != "baseline" and r.drop <= self.max_drop
@@ -631,7 +671,7 @@ class _Search:
         if not self.meets(r):
             return False
         if self.objective == "latency":
-            return r.latency_ms < incumbent.latency_ms * (1 - LATENCY_MARGIN)
+            return latency_key(r) < latency_key(incumbent) * (1 - LATENCY_MARGIN)
         return (r.size_bytes, r.drop) < (incumbent.size_bytes, incumbent.drop)
 
     def improve_phase(self, order: list[str]) -> None:
@@ -768,7 +808,8 @@ def tune(model: onnx.ModelProto | str | Path, calibration, eval_data, *, labels=
 def _fmt_objective(r: TrialResult | None) -> str:
     if r is None or not r.ok:
         return "-"
-    return f"{r.latency_ms:.4g} ms, {r.size_bytes / 1024:.1f} KiB"
+    rel = f" (x{r.rel_latency:.2f} of float)" if r.rel_latency is not None else ""
+    return f"{r.latency_ms:.4g} ms{rel}, {r.size_bytes / 1024:.1f} KiB"
 
 
 def run_cli(model_path: Path, output: Path, calibration_data: Path, eval_data: Path, *, labels: Path | None,
