@@ -830,6 +830,8 @@ def run_cli(model_path: Path, output: Path, calibration_data: Path, eval_data: P
         raise UsageError("--repeats and --latency-batch must be >= 1")
     if output.exists() and output.is_dir():
         raise UsageError(f"-o {output}: is a folder")
+    if not output.absolute().parent.is_dir():
+        raise UsageError(f"-o {output}: the folder {output.absolute().parent} does not exist")
     if log is not None and not log.absolute().parent.is_dir():
         raise UsageError(f"--log {log}: the folder {log.absolute().parent} does not exist")
     resolve_metric(metric)

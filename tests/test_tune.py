@@ -295,9 +295,12 @@ def test_cli_tune_budget_missed_writes_the_closest_and_exits_3(digits_assets, tm
     (["--max-drop", "-1"], "--max-drop"),
     (["--metric", "nofile.py:f"], "no such file"),
     (["--trials", "0"], "--trials"),
+    (["-o"], "does not exist"),
 ])
 def test_cli_tune_usage_errors(digits_assets, tmp_path, capsys, args, message):
     out = tmp_path / "x.onnx"
+    if args == ["-o"]:
+        out, args = tmp_path / "missing" / "x.onnx", []
     rc = main(["tune", str(digits_assets["model"]), "-o", str(out), "--calibration-data", str(digits_assets["calib"]),
                "--eval-data", str(digits_assets["eval"])] + args)
     assert rc == 2
