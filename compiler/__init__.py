@@ -14,11 +14,12 @@ from opc.errors import OpcError  # noqa: E402
 
 def compile(model_or_path, passes: str | None = None, *, calibration=None, input_shapes=None,
             verify: bool = False, dump_passes=None, instruments=None, seed: int = 0,
-            allow_custom_ops: bool = False, progress: bool = False):
+            allow_custom_ops: bool = False, progress: bool = False, validate: bool = True):
     """Run a pipeline over a model; return (optimized ModelProto, Report).
 
     ``model_or_path`` is a ModelProto (copied, never modified) or a file path.
     ``calibration`` is a path to .npz data or a ``CalibrationData``.
+    ``validate=False`` skips re-checking a ModelProto that ``opc.ir.load_model`` returned.
     """
     from opc.data import CalibrationData
     from opc.instruments import DumpPasses, Verify
@@ -28,7 +29,7 @@ def compile(model_or_path, passes: str | None = None, *, calibration=None, input
     from opc.pipeline import parse_pipeline
     from opc.registry import DEFAULT_PIPELINE
 
-    model, folder = as_model(model_or_path)
+    model, folder = as_model(model_or_path, validate=validate)
     if allow_custom_ops is False:
         from opc.validate import check_custom_domains
 

@@ -32,13 +32,17 @@ def load_model(path: str | os.PathLike, *, validate: bool = True) -> onnx.ModelP
     return model
 
 
-def as_model(model_or_path) -> tuple[onnx.ModelProto, Path | None]:
-    """Accept a ModelProto or a path; return (a private copy of the model, its folder)."""
+def as_model(model_or_path, *, validate: bool = True) -> tuple[onnx.ModelProto, Path | None]:
+    """Accept a ModelProto or a path; return (a private copy of the model, its folder).
+
+    ``validate=False`` skips the checks for a ModelProto that ``load_model`` already checked.
+    """
     if isinstance(model_or_path, onnx.ModelProto):
         from opc import validate as validation
 
         model = copy.deepcopy(model_or_path)
-        validation.check_model(model, source="<model>")
+        if validate:
+            validation.check_model(model, source="<model>")
         return model, None
     path = Path(model_or_path)
     return load_model(path), path.resolve().parent
@@ -155,8 +159,17 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def import_graph(model: onnx.ModelProto):
+def _quiet_graphsurgeon():
     import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    # its [W] lines go to stdout; opc reports problems itself
+    G_LOGGER.severity = G_LOGGER.ERROR
+    return gs
+
+
+def import_graph(model: onnx.ModelProto):
+    gs = _quiet_graphsurgeon()
 
     try:
         return gs.import_onnx(model)
@@ -168,7 +181,7 @@ def import_graph(model: onnx.ModelProto):
 
 def export_model(graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """Export a gs.Graph, keeping the template model's ir_version, opsets and metadata."""
-    import onnx_graphsurgeon as gs
+    gs = _quiet_graphsurgeon()
 
     kwargs = {}
     if template is not None:

@@ -995,6 +995,9 @@ def _breadth_priority(buffers: list[_Buffer], live: list[int]) -> list[int]:
     return out
 
 
+SEARCH_STEPS = 4000
+
+
 def assign_offsets(buffers: list[_Buffer], live: list[int], strategies: Iterable[str] = STRATEGIES,
                    time_limit: float = 0.5, seed: int = 0) -> tuple[list[int], int, str, dict[str, int]]:
     """Run the strategies; return (offsets, arena, winning strategy, arena per strategy)."""
@@ -1040,7 +1043,9 @@ def assign_offsets(buffers: list[_Buffer], live: list[int], strategies: Iterable
         states = [[list(prio), top, offs] for prio, top, offs in starts]
         deadline = time.perf_counter() + max(0.0, time_limit)
         step = 0
-        while time.perf_counter() < deadline and best[1] > bound:
+        # a step budget, not the clock, ends the search, so that the same model always gets the
+        # same plan (byte-identical outputs); the time limit is only a safety cap
+        while step < SEARCH_STEPS and best[1] > bound and time.perf_counter() < deadline:
             state = states[step % len(states)]
             step += 1
             prio, cur, offs = state

@@ -35,7 +35,7 @@ def make_session(model: onnx.ModelProto | str, *, providers=None, threads: int |
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors reach the user as one OpcError line, not ORT's log
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -66,7 +66,14 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
+def is_tensor(value: onnx.ValueInfoProto) -> bool:
+    return value.type.HasField("tensor_type")
+
+
 def input_spec(value: onnx.ValueInfoProto) -> tuple[list, np.dtype]:
+    if not is_tensor(value):
+        kind = value.type.WhichOneof("value") or "untyped"
+        raise DataError(f"input '{value.name}' is a {kind.replace('_type', '')}, not a tensor: give its data explicitly")
     t = value.type.tensor_type
     dims = []
     for d in t.shape.dim:

@@ -8,7 +8,7 @@ What the pass does (the planning rules themselves are documented in ``opc.memory
   peak of live bytes, the graph's nodes are put in that order (``nodes_reordered``) so that
   the stored order is the file's order; otherwise the graph is left untouched;
 - statistics: ``arena_bytes``, ``lower_bound_bytes``, ``naive_bytes``, ``tensors_planned``,
-  ``views``, ``inplace``, ``workspaces``, ``nodes_reordered``, ``plan_ms``.
+  ``views``, ``inplace``, ``workspaces``, ``nodes_reordered`` (the planning time goes to the report's details).
 The values computed never change, so the pass is exact; it must run last, because any
 later rewrite would make the stored plan stale (``opc.memory.load_plan`` then ignores it).
 """
@@ -75,9 +75,9 @@ class Plan(Pass):
             "inplace": kinds.count("inplace"),
             "workspaces": len(plan.workspaces),
             "nodes_reordered": moved,
-            "plan_ms": round(plan_ms, 1),
         }
-        details = {"memory_plan": {"strategy": plan.strategy, "strategy_sizes": plan.strategy_sizes,
+        # timings stay out of stats: stats go into the model, which must be reproducible
+        details = {"memory_plan": {"plan_ms": round(plan_ms, 1), "strategy": plan.strategy, "strategy_sizes": plan.strategy_sizes,
                                    "input_shapes": {k: list(v) for k, v in plan.input_shapes.items()},
                                    "notes": plan.notes}}
         return PassResult(modified=bool(moved), stats=stats, graph=result_graph, details=details,

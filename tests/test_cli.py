@@ -104,7 +104,8 @@ def test_failure_mid_compile_leaves_nothing(tmp_path, capsys, tiny, monkeypatch)
 def test_passes_lists_options(capsys):
     rc, out, _ = run(capsys, "passes")
     assert rc == 0
-    assert "fold (exact)" in out and "remove_dead: bool = true" in out and "default pipeline:" in out
+    assert "fold (exact):" in out and "max_rounds: int = 20" in out and "default pipeline:" in out
+    assert "quantize (lossy" in out and "prune (lossy" in out and "plan (exact" in out
     rc, out, _ = run(capsys, "passes", "--json")
     listing = json.loads(out)
     assert "fold" in listing["passes"]
@@ -114,9 +115,9 @@ def test_diff_inspect_verify(tmp_path, capsys, tiny):
     out = tmp_path / "o.onnx"
     assert run(capsys, "compile", tiny, "-o", out, "-q")[0] == 0
     rc, text, _ = run(capsys, "diff", tiny, out)
-    assert rc == 0 and "nodes: 4 -> 3" in text and "removed: Dropout x1" in text
+    assert rc == 0 and "nodes: 4 -> 2" in text and "removed: Constant x1, Dropout x1" in text
     rc, text, _ = run(capsys, "diff", tiny, out, "--json")
-    assert json.loads(text)["nodes"]["removed_by_op"] == {"Dropout": 1}
+    assert json.loads(text)["nodes"]["removed_by_op"] == {"Constant": 1, "Dropout": 1}
     rc, text, _ = run(capsys, "inspect", out)
     assert rc == 0 and "opc pipeline:" in text and "MatMul 1" in text
     info = json.loads(run(capsys, "inspect", out, "--json")[1])

@@ -284,8 +284,6 @@ def test_compiling_twice_gives_identical_bytes_fold(ws):
     _compile_twice(ws, "fold")
 
 
-@pytest.mark.xfail(strict=True, reason="the plan pass puts plan_ms (a wall-clock time) into its stats and the "
-                                       "pass manager writes all stats into metadata 'opc.stats'")
 def test_compiling_twice_gives_identical_bytes_default_pipeline(ws):
     _compile_twice(ws, None)
 

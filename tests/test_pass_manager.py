@@ -46,6 +46,10 @@ class ScaleWeights(Pass):
             if node.op == "Constant":
                 node.attrs["value"].values = node.attrs["value"].values * self.factor
                 n += 1
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Constant):
+                tensor.values = tensor.values * self.factor
+                n += 1
         return PassResult(modified=n > 0, stats={"constants_scaled": n})
 
 
@@ -107,14 +111,16 @@ def test_statistics_metadata_and_input_untouched():
     out, report = opc.compile(model, "fold,scale(factor=3.0)")
     assert model.SerializeToString() == before  # the caller's model is never modified
     assert [r.name for r in report.passes] == ["fold", "scale"]
-    assert report.passes[0].stats == {"identity_removed": 1, "dropout_removed": 0, "dead_nodes_removed": 0}
+    fold_stats = report.passes[0].stats
+    assert fold_stats["identity_removed"] == 1 and fold_stats["constant_nodes"] == 1
+    assert sum(fold_stats.values()) == 2
     assert report.passes[0].modified is True
     assert report.passes[1].stats == {"constants_scaled": 1}
     meta = get_metadata(out)
     assert meta["opc.pipeline"] == "fold,scale(factor=3.0)"
     assert meta["opc.version"] == opc.__version__
     assert json.loads(meta["opc.stats"])["scale"] == {"constants_scaled": 1}
-    assert report.before["nodes"] == 4 and report.after["nodes"] == 3
+    assert report.before["nodes"] == 4 and report.after["nodes"] == 2
     assert all(r.time_s > 0 for r in report.passes)
 
 
@@ -191,12 +197,13 @@ def test_instrument_hooks_run_in_order():
             calls.append("end")
 
     opc.compile(tiny_model(), "fold,scale", instruments=[Spy()])
-    assert calls == ["start", "before:fold", "after:fold:4->3", "before:scale", "after:scale:3->3", "end"]
+    assert calls == ["start", "before:fold", "after:fold:4->2", "before:scale", "after:scale:2->2", "end"]
 
 
 def test_fold_minimal_rules_and_idempotence():
     out, report = opc.compile(tiny_model(), "fold")
-    assert [n.op_type for n in out.graph.node] == ["Constant", "MatMul", "Relu"]
+    assert [n.op_type for n in out.graph.node] == ["MatMul", "Relu"]
+    assert [t.name for t in out.graph.initializer] == ["w"]
     assert [o.name for o in out.graph.output] == ["y"]
     again, report2 = opc.compile(out, "fold")
     assert report2.passes[0].modified is False

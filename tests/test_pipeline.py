@@ -119,4 +119,5 @@ def test_real_registry_lists_every_pass_and_rejects_unknown():
         assert name in PASSES
     with pytest.raises(PipelineError, match="known passes"):
         parse_pipeline("nosuchpass")
-    assert format_pipeline(parse_pipeline("fold(remove_dead=true)")) == "fold"
+    assert format_pipeline(parse_pipeline("fold(max_rounds=20)")) == "fold"
+    assert format_pipeline(parse_pipeline("fold(max_rounds=3)")) == "fold(max_rounds=3)"

@@ -56,7 +56,7 @@ def test_plan_stores_a_matching_plan_and_keeps_outputs():
     assert rec.modified is False
     assert rec.stats == {"arena_bytes": 8192, "lower_bound_bytes": 8192, "naive_bytes": 3 * 8192,
                          "tensors_planned": 3, "views": 1, "inplace": 1, "workspaces": 0,
-                         "nodes_reordered": 0, "plan_ms": rec.stats["plan_ms"]}
+                         "nodes_reordered": 0}
     assert rec.verified is not False
     plan = load_plan(out)
     assert plan is not None and plan.matches(out)
