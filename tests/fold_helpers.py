@@ -23,16 +23,24 @@ def fold(model: onnx.ModelProto | str, input_shapes=None, **options):
     """(folded ModelProto, PassResult); the input model is not changed."""
     if isinstance(model, str):
         model = parse(model)
-    # compared as text: graphsurgeon's exporter sets an empty name on attribute tensors it
+    # compared by parts: graphsurgeon's exporter sets an empty name on attribute tensors it
     # shares with the imported proto, which changes the bytes but not the model
-    before = onnx.printer.to_text(model)
+    before = _snapshot(model)
     graph = gs.import_onnx(model)
     ctx = PassContext(input_shapes=dict(input_shapes or {}), template=model)
     result = Fold(**options).run(graph, ctx)
     out = ctx.to_model(result.graph or graph)
     onnx.checker.check_model(out)
-    assert onnx.printer.to_text(model) == before, "the input model was modified"
+    assert _snapshot(model) == before, "the input model was modified"
     return out, result
+
+
+def _snapshot(model: onnx.ModelProto):
+    nodes = [(n.op_type, n.domain, tuple(n.input), tuple(n.output),
+              tuple((a.name, a.SerializeToString()) for a in n.attribute if a.type != onnx.AttributeProto.TENSOR))
+             for n in model.graph.node]
+    return (nodes, [t.SerializeToString() for t in model.graph.initializer],
+            [v.SerializeToString() for v in list(model.graph.input) + list(model.graph.output)])
 
 
 def ops(model: onnx.ModelProto) -> list[str]:

@@ -38,7 +38,7 @@ def test_light_models(light_models):
 
 
 @pytest.mark.parametrize("name,dynamic", [("kws-lstm", True), ("kws-lstm", False), ("bert-tiny", True),
-                                          ("efficientnet-lite0", False)])
+                                          ("efficientnet-lite0", False), ("mobilenetv2", True)])
 def test_zoo_models(zoo, name, dynamic):
     model = onnx.load(str(zoo(name, dynamic_batch=dynamic)))
     out, result, worst = _check(model, sizes=(2, 3) if dynamic else (1,))
