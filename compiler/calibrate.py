@@ -73,17 +73,21 @@ class Histogram:
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32).ravel()
-        x = x[np.isfinite(x)]
         if x.size == 0:
             return
         absmax = float(max(-x.min(), x.max()))
+        if not math.isfinite(absmax):
+            x = x[np.isfinite(x)]
+            if x.size == 0:
+                return
+            absmax = float(max(-x.min(), x.max()))
         need = self._exp_for(absmax)
         if self.exp is None:
             self.exp = need
         elif need > self.exp:
             self._regrid(need)
         # scaling by a power of two is exact, so bin indices nest exactly across widths
-        idx = np.floor(np.ldexp(x.astype(np.float64), -self.exp)).astype(np.int64) + self.bins // 2
+        idx = np.floor(np.ldexp(x, -self.exp)).astype(np.int64) + self.bins // 2
         np.clip(idx, 0, self.bins - 1, out=idx)
         self.counts += np.bincount(idx, minlength=self.bins)
         self.zeros += int(np.count_nonzero(x == 0))
@@ -132,19 +136,20 @@ class TensorStats:
         x = np.asarray(x)
         if x.size == 0:
             return
-        finite = x[np.isfinite(x)] if not np.isfinite(x).all() else x
-        if finite.size:
-            self.min = min(self.min, float(finite.min()))
-            self.max = max(self.max, float(finite.max()))
+        lo, hi = float(x.min()), float(x.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # rare: only then pay for a filtered copy
+            x = np.where(np.isfinite(x), x, 0).astype(x.dtype)
+            lo, hi = float(x.min()), float(x.max())
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
         self.count += int(x.size)
         if self.hist is not None:
             self.hist.update(x)
         if self.channel_axis is not None and x.ndim > 0:
             axis = self.channel_axis % x.ndim
             other = tuple(a for a in range(x.ndim) if a != axis)
-            xs = x.astype(np.float64)
-            s = xs.sum(axis=other)
-            m = np.abs(xs).max(axis=other)
+            s = x.sum(axis=other, dtype=np.float64)
+            m = np.maximum(x.max(axis=other), -x.min(axis=other)).astype(np.float64)
             if self.channel_sum is None:
                 self.channel_sum, self.channel_absmax = s, m
             elif self.channel_sum.shape == s.shape:
@@ -391,13 +396,15 @@ class LayerError:
     noise: float = 0.0
 
     def update(self, ref: np.ndarray, act: np.ndarray) -> None:
-        r = np.asarray(ref, dtype=np.float64)
-        a = np.asarray(act, dtype=np.float64)
+        r = np.asarray(ref, dtype=np.float32).ravel()
+        a = np.asarray(act, dtype=np.float32).ravel()
         if r.shape != a.shape:
             self.noise = math.inf
             return
-        self.signal += float(np.sum(r * r))
-        self.noise += float(np.sum((r - a) ** 2))
+        d = r - a
+        # BLAS dot products: fast, and float32 accumulation is ample for a dB figure
+        self.signal += float(np.dot(r, r))
+        self.noise += float(np.dot(d, d))
 
     @property
     def sqnr_db(self) -> float:

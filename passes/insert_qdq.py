@@ -119,7 +119,7 @@ class Quantize(Pass):
     weight_only: bool = option(False, "quantize only MatMul/Gemm weights (no calibration)")
     weight_bits: int = option(8, "weight bits for weight_only (8 or 4)", low=4, high=8)
     block_size: int = option(32, "block size along K for weight_only int4", low=16)
-    sensitivity_samples: int = option(256, "samples for the per-layer SQNR table (0 = skip)", low=0)
+    sensitivity_samples: int = option(32, "samples for the per-layer SQNR table (0 = skip)", low=0)
 
     # --- entry ---------------------------------------------------------------------
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:

@@ -236,6 +236,26 @@ def test_constant_node_weights_and_batched_matmul(tmp_path):
     assert opc.ort.compare(ref, out)["cosine"] > 0.999
 
 
+def test_residual_add_feeding_float_ops_stays_float():
+    rng = np.random.default_rng(12)
+    m = build("""
+    g (float[N, 16] x) => (float[N, 16] y) {
+        h = MatMul(x, w1)
+        r = Add(h, x)
+        n = LayerNormalization <axis = -1> (r, gamma, beta)
+        y = MatMul(n, w2)
+    }""", {"w1": rng.standard_normal((16, 16)), "w2": rng.standard_normal((16, 16)),
+           "gamma": np.ones(16), "beta": np.zeros(16)}, opset=17)
+    q, report = quantize(m)
+    st = report.passes[0].stats
+    assert st["quantized_matmul"] == 2
+    # the Add feeds a float LayerNorm: quantizing it would add error and no integer kernel
+    add = node_by_output(q, "r")
+    assert [node_by_output(q, i).op_type for i in add.input] == ["MatMul", "DequantizeLinear"]
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("h", "r") for n in q.graph.node)
+    assert st["qdq_pairs"] == 2  # x and n
+
+
 def test_opset11_per_channel_gives_a_valid_model():
     m = cnn()
     m.opset_import[0].version = 11
