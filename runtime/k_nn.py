@@ -82,6 +82,12 @@ def _conv_plan(node, x_shape, w_shape, itemsize):
     padded = any(pads)
     prodO = int(np.prod(outs))
     if g == C and M == C and g > 1:
+        if nsp == 2 and strides == [1, 1]:
+            Hp, Wp = x_shape[2] + pads[0] + pads[2], x_shape[3] + pads[1] + pads[3]
+            R = Hp * Wp + (w_shape[3] - 1) * dil[1]
+            L = outs[0] * Wp
+            return dict(kind="depthwise_wide", strides=strides, dil=dil, pads=pads, outs=outs, Hp=Hp, Wp=Wp,
+                        R=R, L=L, ws=_align(N * C * R * itemsize) + 2 * _align(N * C * L * itemsize))
         padn = N * C * int(np.prod([x_shape[2 + i] + pads[i] + pads[i + nsp] for i in range(nsp)])) if padded else 0
         return dict(kind="depthwise", strides=strides, dil=dil, pads=pads, outs=outs,
                     ws=_align(padn * itemsize) + _align(N * C * prodO * itemsize))
@@ -151,13 +157,63 @@ def _conv(node, xp):
             xp.matmul(w.reshape(M, C), src.reshape(N, C, -1), out=y.reshape(N, M, -1))
             if b is not None:
                 y += b.reshape((M,) + (1,) * len(p["outs"]))
-            return y
+            return apply_post(xp, node, y)
         if kind == "depthwise":
-            return _depthwise(xp, x, w, b, y, p, ws)
-        if kind == "wide":
+            y = _depthwise(xp, x, w, b, y, p, ws)
+        elif kind == "depthwise_wide":
+            return _depthwise_wide(xp, node, x, w, b, y, p, ws)
+        elif kind == "wide":
             return _conv_wide(xp, node, x, w, b, y, p, ws)
-        return _conv_im2col(xp, node, x, w, b, y, p, ws)
+        else:
+            y = _conv_im2col(xp, node, x, w, b, y, p, ws)
+        return apply_post(xp, node, y)
     return run
+
+
+def apply_post(xp, node, y):
+    """The activation fused into this node at load (``node.post``), in place."""
+    post = getattr(node, "post", None)
+    if post is None:
+        return y
+    if post[0] == "relu":
+        return xp.maximum(y, y.dtype.type(0), out=y)
+    lo, hi = post[1], post[2]
+    if lo is not None:
+        xp.maximum(y, y.dtype.type(lo), out=y)
+    if hi is not None:
+        xp.minimum(y, y.dtype.type(hi), out=y)
+    return y
+
+
+def _depthwise_wide(xp, node, x, w, b, y, p, ws):
+    """Stride-1 depthwise conv on the padded width: each channel row is contiguous, so every
+    kernel tap is a (N*C, Ho*Wp) multiply-add of a shifted slice; junk columns dropped at the end."""
+    N, C = x.shape[:2]
+    kh, kw = w.shape[2:]
+    Hp, Wp, R, L = p["Hp"], p["Wp"], p["R"], p["L"]
+    dh, dw = p["dil"]
+    Ho, Wo = p["outs"]
+    pads = p["pads"]
+    src, off = _take(ws, 0, (N * C, R), x.dtype, xp)
+    acc, off = _take(ws, off, (N * C, L), x.dtype, xp)
+    tmp, off = _take(ws, off, (N * C, L), x.dtype, xp)
+    _pad_into(xp, src[:, :Hp * Wp].reshape(N, C, Hp, Wp), x, [pads[0], pads[1], pads[2], pads[3]])
+    src[:, Hp * Wp:] = 0
+    wt = xp.ascontiguousarray(xp.broadcast_to(w.reshape(1, C, kh * kw), (N, C, kh * kw)).reshape(N * C, kh * kw))
+    for k in range(kh * kw):
+        i, j = divmod(k, kw)
+        o = i * dh * Wp + j * dw
+        if k == 0:
+            xp.multiply(src[:, o:o + L], wt[:, 0:1], out=acc)
+        else:
+            xp.multiply(src[:, o:o + L], wt[:, k:k + 1], out=tmp)
+            acc += tmp
+    a4 = acc.reshape(N, C, Ho, Wp)[:, :, :, :Wo]
+    if b is not None:
+        xp.add(a4, b.reshape(1, C, 1, 1), out=y)
+    else:
+        y[...] = a4
+    return apply_post(xp, node, y)
 
 
 def _conv_wide(xp, node, x, w, b, y, p, ws):
@@ -199,6 +255,7 @@ def _conv_wide(xp, node, x, w, b, y, p, ws):
                 xp.add(acc[:, :, :Wo], bias[gi * Mg:(gi + 1) * Mg], out=dst)
             else:
                 dst[...] = acc[:, :, :Wo]
+            apply_post(xp, node, dst)  # while the image's output is still in cache
     return y
 
 

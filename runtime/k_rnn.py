@@ -107,6 +107,8 @@ def _outputs(node, xp, ys, finals, layout, n_states):
 def _lstm(node, xp):
     clip = node.a("clip")
     input_forget = node.a("input_forget", 0)
+    default_acts = [a.lower() for a in node.a("activations") or []] in ([], ["sigmoid", "tanh", "tanh"],
+                                                                       ["sigmoid", "tanh", "tanh"] * 2)
 
     def run(ins, outs, ws):
         x, w, r, b, lens, h0, seq, batch, dirs, H, layout = _common(node, ins, xp, 4)
@@ -116,6 +118,8 @@ def _lstm(node, xp):
         p = ins[7] if len(ins) > 7 and ins[7] is not None else None
         acts = _acts(node, xp, ["Sigmoid", "Tanh", "Tanh"], dirs)
         xw = [xp.matmul(x, w[d].T) + b[d, :4 * H] + b[d, 4 * H:] for d in range(dirs)]  # (seq, batch, 4H)
+        if default_acts and clip is None and not input_forget and p is None and lens is None:
+            return _lstm_fast(node, xp, x, xw, r, h0, c0, seq, batch, dirs, H, layout)
         zeros = xp.zeros((batch, H), dtype=x.dtype)
         states = [(h0[d] if h0 is not None else zeros, c0[d] if c0 is not None else zeros) for d in range(dirs)]
 
@@ -200,3 +204,42 @@ def _rnn(node, xp):
         ys, finals = _run_dirs(node, xp, x, lens, dirs, seq, batch, H, cell, layout, states)
         return _outputs(node, xp, ys, finals, layout, 1)
     return run
+
+
+def _lstm_fast(node, xp, x, xw, r, h0, c0, seq, batch, dirs, H, layout):
+    """Default activations, no clip/peepholes/lengths: each step is one GEMM and ~12 in-place
+    element-wise calls on preallocated buffers (the step loop is Python-bound at small batch)."""
+    direction = node.a("direction", "forward")
+    dt = x.dtype
+    ys = xp.empty((seq, dirs, batch, H), dtype=dt)
+    z = xp.empty((batch, 4 * H), dtype=dt)
+    tmp = xp.empty((batch, H), dtype=dt)
+    one = dt.type(1)
+    hs, cs = [], []
+    for d in range(dirs):
+        rt = xp.ascontiguousarray(r[d].T)
+        h = h0[d].astype(dt) if h0 is not None else xp.zeros((batch, H), dtype=dt)
+        c = c0[d].astype(dt, copy=True) if c0 is not None else xp.zeros((batch, H), dtype=dt)
+        reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
+        xwd = xw[d]
+        s = z[:, :3 * H]
+        g = z[:, 3 * H:]
+        i, o, f = z[:, :H], z[:, H:2 * H], z[:, 2 * H:3 * H]
+        for step in range(seq):
+            t = seq - 1 - step if reverse else step
+            xp.matmul(h, rt, out=z)
+            z += xwd[t]
+            xp.negative(s, out=s)
+            xp.exp(s, out=s)
+            s += one
+            xp.reciprocal(s, out=s)
+            xp.tanh(g, out=g)
+            c *= f
+            xp.multiply(i, g, out=tmp)
+            c += tmp
+            xp.tanh(c, out=tmp)
+            h = ys[t, d]
+            xp.multiply(o, tmp, out=h)
+        hs.append(h)
+        cs.append(c)
+    return _outputs(node, xp, ys, [(h, c) for h, c in zip(hs, cs)], layout, 2)

@@ -46,6 +46,7 @@ class Program:
     capture_slots: list[int] = field(default_factory=list)
     release: list[list[int]] = field(default_factory=list)  # slots dead after each step
     folded: int = 0  # steps computed once at load (constant inputs only)
+    fused: int = 0  # activation steps merged into the preceding Conv
 
     def slot(self, name: str) -> int:
         s = self.slots.get(name)
@@ -188,6 +189,7 @@ def compile_graph(graph: onnx.GraphProto, xp, opsets: dict[str, int], outer: set
     p.captures = captured
     p.capture_slots = [p.slots[c] for c in captured]
     _fold_constants(p, {p.slots[n] for n in overridable if n in p.slots})
+    _fuse_activations(p, {p.slots[o.name] for o in graph.output if o.name in p.slots})
     _compute_release(p)
     return p
 
@@ -209,6 +211,57 @@ def _compute_release(p: Program) -> None:
             p.release[i].append(s)
 
 
+_FUSABLE = {"Conv"}
+
+
+def _fuse_activations(p: Program, graph_outputs: set[int]) -> None:
+    """Conv followed by its only consumer Relu / Clip (constant bounds): the conv applies the
+    activation in place on its output (on hot cache) and the activation step disappears."""
+    readers: dict[int, list[int]] = {}
+    for i, st in enumerate(p.steps):
+        for s in st.ins:
+            if s >= 0:
+                readers.setdefault(s, []).append(i)
+    drop = set()
+    for i, st in enumerate(p.steps):
+        if st.node.op_type not in _FUSABLE or st.node.domain or len(st.outs) != 1:
+            continue
+        out = st.outs[0]
+        users = readers.get(out, [])
+        if out < 0 or out in graph_outputs or len(users) != 1:
+            continue
+        act = p.steps[users[0]]
+        post = None
+        if act.node.op_type == "Relu" and act.ins == [out]:
+            post = ("relu",)
+        elif act.node.op_type == "Clip" and act.ins and act.ins[0] == out:
+            bounds = []
+            for k, key in ((1, "min"), (2, "max")):
+                if k < len(act.ins) and act.ins[k] >= 0:
+                    if act.ins[k] not in p.consts:
+                        break
+                    bounds.append(float(np.asarray(_host(p.consts[act.ins[k]])).reshape(-1)[0]))
+                else:
+                    v = act.node.a(key)
+                    bounds.append(None if v is None else float(v))
+            else:
+                post = ("clip", bounds[0], bounds[1])
+        if post is None:
+            continue
+        st.node.post = post
+        st.outs = list(act.outs)
+        st.node.outputs = list(act.node.outputs)
+        drop.add(users[0])
+    if drop:
+        p.steps = [st for i, st in enumerate(p.steps) if i not in drop]
+        p.fused = len(drop)
+
+
+def _host(a):
+    get = getattr(a, "get", None)
+    return get() if get is not None else a
+
+
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                      "Bernoulli"}
 
@@ -220,7 +273,7 @@ def _fold_constants(p: Program, overridable: set[int]) -> None:
     kept = []
     for st in p.steps:
         if st.node.op_type in _NONDETERMINISTIC or st.node.subgraphs or st.node.captures \
-                or not all(s >= 0 and s in const for s in st.ins) or not st.ins:
+                or not all(s >= 0 and s in const for s in st.ins):
             kept.append(st)
             continue
         res = st.fn([p.consts[s] for s in st.ins], None, None)

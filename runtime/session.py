@@ -362,30 +362,36 @@ class Session:
 
 
 class _blas_threads:
-    """Limit BLAS threads inside a block (no-op when ``n`` is None or threadpoolctl is absent)."""
+    """Set the BLAS thread count inside a block and restore it after (no-op for None or
+    without threadpoolctl). The library handles are looked up once per process."""
 
-    _limiter = None
+    _libs = None
 
     def __init__(self, n):
         self.n = n
-        self.ctx = None
+        self.saved = None
 
     def __enter__(self):
-        if self.n:
+        if not self.n:
+            return self
+        if _blas_threads._libs is None:
             try:
                 from threadpoolctl import ThreadpoolController
 
-                if _blas_threads._limiter is None:
-                    _blas_threads._limiter = ThreadpoolController()
-                self.ctx = _blas_threads._limiter.limit(limits=self.n, user_api="blas")
-                self.ctx.__enter__()
-            except ImportError:
-                self.ctx = None
+                _blas_threads._libs = ThreadpoolController().select(user_api="blas").lib_controllers
+            except Exception:
+                _blas_threads._libs = []
+        self.saved = []
+        for lib in _blas_threads._libs:
+            cur = lib.get_num_threads()
+            if cur != self.n:
+                lib.set_num_threads(self.n)
+                self.saved.append((lib, cur))
         return self
 
     def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+        for lib, cur in self.saved or ():
+            lib.set_num_threads(cur)
         return False
 
 

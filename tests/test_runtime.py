@@ -52,7 +52,7 @@ def test_light_model_with_constant_weights_folds_them():
     assert all(st.node.op_type != "ConstantOfShape" for st in sess.program.steps)
 
 
-def _conv_model(x_shape, w_shape, bias=True, opset=17, **attrs):
+def _conv_model(x_shape, w_shape, bias=True, opset=17, act="Relu", **attrs):
     rng = np.random.default_rng(1)
     w = rng.standard_normal(w_shape).astype(np.float32)
     inits = [numpy_helper.from_array(w, "w")]
@@ -61,7 +61,7 @@ def _conv_model(x_shape, w_shape, bias=True, opset=17, **attrs):
         inits.append(numpy_helper.from_array(rng.standard_normal(w_shape[0]).astype(np.float32), "b"))
         ins.append("b")
     node = helper.make_node("Conv", ins, ["c"], **attrs)
-    relu = helper.make_node("Relu", ["c"], ["y"])
+    relu = helper.make_node(act, ["c"], ["y"])
     model = make_model([node, relu], [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [f"d{i}" for i in range(len(x_shape))])],
                        inits, opset)
@@ -136,8 +136,21 @@ def test_dynamic_batch_gets_one_layout_per_shape():
     assert len(sess._layouts) == 2
 
 
+def test_conv_activation_fusion():
+    for act in ("Relu", "Clip"):
+        model, feeds = _conv_model((2, 6, 9, 9), (6, 1, 3, 3), group=6, pads=[1, 1, 1, 1], act=act)
+        if act == "Clip":  # ReLU6 with constant bounds, as mobilenetv2 exports it
+            model.graph.node[1].input.extend(["lo", "hi"])
+            model.graph.initializer.extend([numpy_helper.from_array(np.array(0, np.float32), "lo"),
+                                            numpy_helper.from_array(np.array(0.5, np.float32), "hi")])
+        sess = _check(model, feeds)
+        assert len(sess.program.steps) == 1 and sess.program.fused == 1
+    model, feeds = _conv_model((1, 4, 6, 6), (4, 4, 3, 3), pads=[1, 1, 1, 1], act="Sigmoid")
+    assert _check(model, feeds).program.fused == 0
+
+
 def test_intermediates_live_in_the_arena_and_outputs_do_not():
-    model, feeds = _conv_model((1, 8, 12, 12), (16, 8, 3, 3), pads=[1, 1, 1, 1])
+    model, feeds = _conv_model((1, 8, 12, 12), (16, 8, 3, 3), pads=[1, 1, 1, 1], act="Sigmoid")
     sess = rt.Session(model, backend="numpy")
     first = sess.run(None, feeds)[0]
     lay = sess.layout()
