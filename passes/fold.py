@@ -16,7 +16,8 @@ Rewrite cases, each a named rule counted in its own statistic:
 - ``generated_folded``: arithmetic/shape ops on ConstantOfShape-style values fold into
   one generator node instead of a materialized tensor.
 - ``reshapes_merged``, ``transposes_merged``, ``casts_merged``, ``unsqueezes_merged``:
-  consecutive ops merged where exact.
+  consecutive ops merged where exact; ``transposes_as_reshapes``: a Transpose that only
+  moves size-1 dims becomes a Reshape (then merged with its neighbours).
 - ``batchnorms_fused``, ``affine_fused``: BatchNormalization and per-channel Mul/Div/Add/Sub
   folded into the preceding Conv/ConvTranspose/Gemm/MatMul weights and bias;
   ``pads_fused``: a zero Pad of spatial dims folded into the following Conv's pads.
@@ -61,6 +62,7 @@ RULES = (
     ("constants", _const.constants_folded),
     ("generated", _const.generated_folded),
     ("merges", _noops.merges),
+    ("merges", _noops.transposes_as_reshapes),
     ("merges", _noops.unsqueezes_merged),
     ("fuse", _fuse.batchnorms_fused),
     ("fuse", _fuse.affine_fused),
@@ -72,7 +74,7 @@ FAMILIES = ("constants", "noops", "castlike", "shapes", "generated", "merges", "
 STATS = ("constant_nodes", "identity_removed", "dropout_removed", "noops_removed", "default_inputs_dropped",
          "castlike_folded",
          "shapes_folded", "dynamic_shapes_folded", "constants_folded", "generated_folded", "reshapes_merged", "transposes_merged",
-         "casts_merged", "unsqueezes_merged", "batchnorms_fused", "affine_fused", "pads_fused", "initializers_deduplicated",
+         "casts_merged", "unsqueezes_merged", "transposes_as_reshapes", "batchnorms_fused", "affine_fused", "pads_fused", "initializers_deduplicated",
          "subexpressions_merged", "dead_nodes_removed")
 
 

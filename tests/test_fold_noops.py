@@ -295,3 +295,23 @@ def test_rules_run_inside_loop_bodies():
     feeds = {"x": np.array([0.5, -1.0], np.float32), "n": np.array(3, np.int64)}
     np.testing.assert_array_equal(make_session(model).run(None, feeds)[0], make_session(out).run(None, feeds)[0])
     assert_idempotent(out)
+
+
+def test_transpose_of_unit_dims_becomes_a_reshape_and_merges():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[S, 1, 1, 8] x) => (float[1, S, 8] y, float[8, S] z) {
+      t = Transpose <perm = [1, 0, 2, 3]> (x)
+      s = Constant <value = int64[3] {1, -1, 8}> ()
+      y = Reshape(t, s)
+      a = Transpose <perm = [3, 1, 2, 0]> (x)
+      s2 = Constant <value = int64[2] {8, -1}> ()
+      z = Reshape(a, s2)
+    }
+    """)
+    out, result = fold(model)
+    # the first Transpose only moves a size-1 dim: gone; the second really reorders S and 8
+    assert sorted(ops(out)) == ["Reshape", "Reshape", "Transpose"]
+    assert result.stats["transposes_as_reshapes"] == 1 and result.stats["reshapes_merged"] == 1
+    assert_same_outputs(model, out, sizes=(2, 3))
+    assert_idempotent(out)

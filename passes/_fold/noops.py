@@ -190,7 +190,8 @@ def merges(state: State, graph: gs.Graph) -> None:
         first = producer(node.inputs[0])
         if first is None or not is_default_domain(first) or len(first.outputs) != 1:
             continue
-        if node.op == "Reshape" and first.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+        if node.op == "Reshape" and first.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") and (
+                len(first.inputs) < 2 or first.op != "Reshape" or not first.attrs.get("allowzero", 0)):
             target = const(node.inputs[1]) if len(node.inputs) > 1 else None
             if target is None or (np.any(target == 0) and not node.attrs.get("allowzero", 0)):
                 continue
@@ -290,3 +291,35 @@ def default_inputs_dropped(state: State, graph: gs.Graph) -> None:
                 node.inputs[i] = gs.Variable.empty()
             state.stats["default_inputs_dropped"] += 1
             break  # indices moved: the next round sees the rest
+
+
+def transposes_as_reshapes(state: State, graph: gs.Graph) -> None:
+    """A Transpose that only moves size-1 dims keeps the element order: it is a Reshape
+    (a view, no copy), which then merges with neighbouring Reshapes
+    (stat ``transposes_as_reshapes``)."""
+    for node in list(graph.nodes):
+        if node.op != "Transpose" or not is_default_domain(node) or len(node.inputs) != 1:
+            continue
+        dims, perm = state.shape(node.inputs[0]), node.attrs.get("perm")
+        if dims is None or perm is None or len(perm) != len(dims) or list(perm) == list(range(len(perm))):
+            continue
+        moved = [int(p) for p in perm if dims[int(p)] != 1]
+        if moved != sorted(moved):
+            continue
+        out = [dims[int(p)] for p in perm]
+        dynamic = sum(not isinstance(d, int) for d in out)
+        target, unknown = [], 0
+        for k, d in enumerate(out):
+            if isinstance(d, int):
+                target.append(d)
+            elif dynamic > 1 and k < len(dims) and isinstance(d, str) and dims[k] == d:
+                target.append(0)  # the same symbolic dim at the same position: copy it
+            else:
+                unknown += 1  # -1 (never 0) when it is the only dynamic dim: merges better
+                target.append(-1)
+        if unknown > 1:
+            continue
+        node.op = "Reshape"
+        node.attrs = {}
+        node.inputs.append(gs.Constant(state.fresh(node.outputs[0].name + "_shape"), np.array(target, np.int64)))
+        state.stats["transposes_as_reshapes"] += 1
