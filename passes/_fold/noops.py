@@ -283,6 +283,8 @@ def default_inputs_dropped(state: State, graph: gs.Graph) -> None:
         for i, t in enumerate(node.inputs):
             if (node.op, i) not in _ZERO_DEFAULTS or not t.name or not is_zeros(t):
                 continue
+            if node.op == "Gemm" and state.opset < 11:
+                continue  # C became optional in opset 11
             if i == len(node.inputs) - 1:
                 del node.inputs[i]
                 while node.inputs and not node.inputs[-1].name:
