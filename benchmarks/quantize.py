@@ -271,11 +271,40 @@ def memory_rows(sample_counts=(500, 8000)) -> list[dict]:
     return rows
 
 
+def light_rows() -> list[dict]:
+    """Every onnx light model: quantized by opc (synthetic calibration), loaded and run in ORT."""
+    import opc
+    from opc.ort import make_session, seeded_feeds
+
+    rows = []
+    for path in common.light_models():
+        m = onnx.load(str(path))
+        row = {"model": path.stem.removeprefix("light_"), "opset": m.opset_import[0].version}
+        try:
+            t0 = time.perf_counter()
+            q, report = opc.compile(m, "quantize(calibration=random,samples=4,sensitivity_samples=2)")
+            row["quant_s"] = round(time.perf_counter() - t0, 2)
+            st = report.passes[-1].stats
+            row.update(quantized=st["quantized_nodes"], eligible=st["eligible_nodes"], coverage=st["coverage"])
+            ops = optimized_ops(q, 1)
+            row["int_ops"] = sum(v for k, v in ops.items() if k in INTEGER)
+            feeds = seeded_feeds(q)
+            out = make_session(q, threads=1).run(None, feeds)[0]
+            ref = make_session(m, threads=1).run(None, feeds)[0]
+            row["runs"] = out.shape == ref.shape and bool(np.isfinite(out).all())
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:80]}"
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def main(argv=None):
     def extra(p):
         p.add_argument("--samples", type=int, default=64, help="calibration samples per model")
         p.add_argument("--skip-memory", action="store_true")
         p.add_argument("--memory-only", action="store_true")
+        p.add_argument("--skip-light", action="store_true", help="skip the onnx light models table")
 
     args = common.bench_args(__doc__.splitlines()[0], DEFAULT_MODELS, argv, extra)
     if args.quick:
@@ -294,6 +323,10 @@ def main(argv=None):
                       notes=["coverage = integer Conv/Gemm/MatMul kernels after ORT optimization / "
                              "Conv/Gemm/MatMul in the fp32 model",
                              "resnet18/mobilenetv2 have seeded weights: compare agreement with fp32, not top-1"])
+    if not args.memory_only and not args.skip_light:
+        common.report("quantize_light", light_rows(), title="quantize: onnx light models (load and run in ORT)",
+                      settings={"calibration": "random, 4 samples (synthetic: only validity is measured)"},
+                      threads=1, write_json=not args.no_json)
     if not args.skip_memory:
         rows = memory_rows((500, 1000) if args.quick else (500, 8000))
         common.report("quantize_memory", rows, title="quantize: calibration peak RSS vs samples (digits-cnn)",

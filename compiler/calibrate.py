@@ -403,8 +403,13 @@ class LayerError:
             return
         d = r - a
         # BLAS dot products: fast, and float32 accumulation is ample for a dB figure
-        self.signal += float(np.dot(r, r))
-        self.noise += float(np.dot(d, d))
+        with np.errstate(over="ignore", invalid="ignore"):
+            signal, noise = float(np.dot(r, r)), float(np.dot(d, d))
+        if not (math.isfinite(signal) and math.isfinite(noise)):  # float32 overflow: redo in float64
+            r64, d64 = r.astype(np.float64), d.astype(np.float64)
+            signal, noise = float(np.dot(r64, r64)), float(np.dot(d64, d64))
+        self.signal += signal
+        self.noise += noise
 
     @property
     def sqnr_db(self) -> float:

@@ -69,6 +69,16 @@ def const_array(t) -> np.ndarray | None:
         value = t.inputs[0].attrs.get("value")
         if isinstance(value, gs.Constant):
             return np.asarray(value.values)
+    if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "ConstantOfShape":
+        # weights filled from a constant shape (as in ONNX's "light" test models)
+        node = t.inputs[0]
+        shape = node.inputs[0] if node.inputs else None
+        if isinstance(shape, gs.Constant):
+            value = node.attrs.get("value")
+            fill = np.asarray(value.values).reshape(-1)[:1] if isinstance(value, gs.Constant) else np.zeros(1, np.float32)
+            dims = [int(d) for d in np.asarray(shape.values).reshape(-1)]
+            if int(np.prod(dims, dtype=np.int64)) <= 1 << 28:
+                return np.full(dims, fill[0], dtype=fill.dtype)
     return None
 
 
@@ -159,6 +169,14 @@ class Quantize(Pass):
         from opc.ir import import_graph
 
         model = ctx.to_model(graph)
+        inits = {t.name for t in model.graph.initializer}
+        if any(i.name in inits for i in model.graph.input):
+            # before IR version 4 every initializer is also listed as an input; here they are
+            # weights (constants), not inputs a user overrides
+            keep = [i for i in model.graph.input if i.name not in inits]
+            del model.graph.input[:]
+            model.graph.input.extend(keep)
+            model.ir_version = max(model.ir_version, 4)
         opset = graph.opset
         need = 21 if (self.weight_only and self.weight_bits == 4) else (13 if self.per_channel else 10)
         per_channel = self.per_channel
@@ -167,6 +185,7 @@ class Quantize(Pass):
                 from onnx import version_converter
 
                 model = version_converter.convert_version(model, need)
+                model.ir_version = max(model.ir_version, {10: 5, 13: 7, 21: 10}[need])
                 onnx.checker.check_model(model)
                 stats["opset_upgraded_to"] = need
             except Exception as exc:
@@ -360,19 +379,32 @@ class Quantize(Pass):
         return fused
 
     # --- calibration --------------------------------------------------------------------
+    def _batch_size(self, model: onnx.ModelProto) -> int:
+        """``batch``, unless an input has a fixed leading dimension (then that size)."""
+        from opc.ort import graph_inputs
+
+        for value in graph_inputs(model):
+            dims = value.type.tensor_type.shape.dim
+            if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+                return int(dims[0].dim_value)
+        return self.batch
+
     def _batches(self, ctx: PassContext, model: onnx.ModelProto, limit: int | None = None):
         n = self.samples or None
         if limit is not None:
             n = min(n, limit) if n else limit
+        batch = self._batch_size(model)
         if self.calibration == "random":
-            return cal.random_batches(model, n or 128, self.batch, ctx.input_shapes, ctx.seed)
+            return cal.random_batches(model, n or 128, batch, ctx.input_shapes, ctx.seed)
         data = ctx.calibration
+        if batch != self.batch and batch > 1:  # a fixed batch dimension: whole batches only
+            n = max(batch, ((n or data.num_samples) // batch) * batch)
         if self.samples and self.samples > data.num_samples:
             raise DataError(f"{data.source}: quantize(samples={self.samples}) but the data holds "
                             f"{data.num_samples} samples")
         if data.num_samples < 1:
             raise DataError(f"{data.source}: no calibration samples")
-        return data.batches(self.batch, limit=n)
+        return data.batches(batch, limit=n)
 
     def _num_batches(self, ctx: PassContext) -> int | None:
         if self.calibration == "random":

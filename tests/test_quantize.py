@@ -269,6 +269,22 @@ def test_opset11_per_channel_gives_a_valid_model():
     make_session(q).run(None, {"x": np.zeros((1, 3, 8, 8), np.float32)})
 
 
+def test_old_light_model_ir3_fixed_batch_constant_of_shape_weights(tmp_path):
+    # ONNX's light squeezenet: IR 3 (initializers listed as inputs), opset 9, batch fixed
+    # at 1, weights built by ConstantOfShape nodes
+    path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_squeezenet.onnx"
+    m = onnx.load(str(path))
+    q, report = opc.compile(m, "quantize(calibration=random,samples=3,sensitivity_samples=1)")
+    st = report.passes[0].stats
+    assert st["opset_upgraded_to"] == 13 and st["coverage"] == 1.0 and st["quantized_conv"] == 26
+    assert st["calibration_samples"] == 3
+    onnx.checker.check_model(q)
+    opt = optimized_ops(q, tmp_path)
+    assert opt["QLinearConv"] == 26
+    feeds = opc.ort.seeded_feeds(q)
+    assert make_session(q).run(None, feeds)[0].shape == make_session(m).run(None, feeds)[0].shape
+
+
 def test_conv_transpose_and_concat():
     rng = np.random.default_rng(4)
     m = build("""
