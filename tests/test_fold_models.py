@@ -16,13 +16,13 @@ from fold_helpers import assert_same_outputs, fold, io_signature
 MAX_GROWTH = 2048  # bytes: opc writes no metadata here, but ConstantOfShape biases may become initializers
 
 
-def _check(model: onnx.ModelProto, sizes=(2, 3)):
+def _check(model: onnx.ModelProto, sizes=(2, 3), optimize_modes=(True,)):
     out, result = fold(model)
     assert io_signature(out) == io_signature(model)
     assert out.ByteSize() <= model.ByteSize() + MAX_GROWTH, (model.ByteSize(), out.ByteSize())
     assert len(out.graph.node) <= len(model.graph.node)
     # ORT's default optimizations on (what users run); the rule tests also check with them off
-    worst = assert_same_outputs(model, out, sizes=sizes, optimize_modes=(True,))
+    worst = assert_same_outputs(model, out, sizes=sizes, optimize_modes=optimize_modes)
     again, second = fold(out)
     assert second.modified is False, {k: v for k, v in second.stats.items() if v}
     return out, result, worst
@@ -43,3 +43,13 @@ def test_zoo_models(zoo, name, dynamic):
     model = onnx.load(str(zoo(name, dynamic_batch=dynamic)))
     out, result, worst = _check(model, sizes=(2, 3) if dynamic else (1,))
     assert worst <= 1e-5
+
+
+def test_zoo_minilm_exact_without_ort_fusions(zoo):
+    # with ORT's optimizations on, ORT fuses attention in the folded model (its Reshape
+    # targets are constants now) but not in the input, and the two differ by ~4e-5 of the
+    # output scale (onnxslim's and onnxsim's outputs too): the folded graph itself is exact
+    model = onnx.load(str(zoo("minilm-l6", dynamic_batch=True)))
+    out, result, worst = _check(model, sizes=(2, 3), optimize_modes=(False,))
+    assert worst <= 1e-5
+    assert result.stats["dynamic_shapes_folded"] > 0
