@@ -127,7 +127,8 @@ def test_fallback_order_ranks_by_the_noise_each_layer_adds():
         acc += c
         table.append({"node": n, "op": "Relu", "sqnr_db": -10 * math.log10(acc)})
     model = _chain_model(list(costs))
-    assert fallback_order(model, table) == ["b", "d", "e", "c", "a"]
+    # the last and the first layer, then by the dB each loses: b 8.8, d 1.4, c 0.7
+    assert fallback_order(model, table) == ["e", "a", "b", "d", "c"]
     # without a table: first and last layers, then inwards
     assert fallback_order(model, None) == []  # Relu layers are not compute layers
     conv_model = _chain_model(["a", "b", "c"])
@@ -162,7 +163,8 @@ def test_fallback_keeps_the_most_sensitive_layer_in_float():
 
 
 def test_fallback_bisects_to_the_smallest_float_set():
-    # order b, d, e, c, a: k=2 misses (0.012), k=4 meets, k=3 (drop 0.007) is the smallest that meets
+    # order e, a, b, d, c: k=2 misses, k=4 meets (0.004), k=3 misses (0.014); then the improve
+    # phase re-quantizes a (0.007, one more layer quantized, so faster)
     s = _search({"a": 0.003, "b": 0.02, "c": 0.004, "d": 0.01, "e": 0.005}, max_drop=0.01, trials=20)
     best = s.best()
     assert best.pipeline == "fold,quantize(exclude=[b,d,e],sensitivity_samples=0)"
@@ -173,11 +175,11 @@ def test_fallback_bisects_to_the_smallest_float_set():
 
 
 def test_a_weight_only_config_that_meets_the_budget_does_not_stop_the_fallback():
-    s = _search({"a": 0.001, "b": 0.02, "c": 0.001}, max_drop=0.01, trials=20, op="MatMul")
+    s = _search({"a": 0.001, "b": 0.001, "c": 0.02}, max_drop=0.01, trials=20, op="MatMul")
     wo = [r for r in s.results if "weight_only=true" in r.pipeline]
     assert wo and s.meets(wo[0]) and wo[0].phase == "calibration"
     assert any(r.phase == "fallback" for r in s.results)
-    assert s.best().pipeline == "fold,quantize(exclude=[b],sensitivity_samples=0)"  # 7 ms beats 9.5 ms
+    assert s.best().pipeline == "fold,quantize(exclude=[c],sensitivity_samples=0)"  # 8 ms beats 9.5 ms
 
 
 def test_trial_budget_is_respected_and_a_miss_reports_the_closest():
