@@ -137,3 +137,21 @@ def test_size_and_shape_slices():
     assert [o.name for o in out.graph.output] == ["y", "n"]
     np.testing.assert_array_equal(initializer(out, "t"), [-1, 24])
     assert_same_outputs(model, out)
+
+
+def test_value_info_is_dropped_or_re_inferred():
+    model = parse(RESHAPE.format(dims="S, 2, 5, 10", out="S, 10, 5"))
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("s", onnx.TensorProto.INT64, [9]))
+    out, _ = fold(model)
+    assert len(out.graph.value_info) == 0  # the exporter's (wrong) annotation is gone
+    relu = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[S, 4] x) => (float[S, 4] y) {
+      a = Identity(x)
+      r = Relu(a)
+      y = Neg(r)
+    }
+    """)
+    out, _ = fold(relu, value_info=True)
+    infos = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in out.graph.value_info}
+    assert infos == {"r": ["S", 4]}
