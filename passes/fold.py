@@ -28,7 +28,8 @@ Rewrite cases, each a named rule counted in its own statistic:
 Size policy: no folded value above ``size_limit_mb`` is materialized, and a generated
 value (ConstantOfShape, Expand, Tile, Range...) becomes an initializer only when it is at
 most ``generator_limit_kb`` or no bigger than its inputs, so folding never blows a small
-file up. Shapes are re-inferred every round, ignoring the exporter's value_info and
+file up. With ``--input-shapes`` the graph is specialized: those shapes are folded in
+and written on the graph inputs. Shapes are re-inferred every round, ignoring the exporter's value_info and
 output shapes. Rules run inside If/Loop/Scan bodies; graph input/output names and order,
 the opset and custom-domain nodes are kept.
 """
@@ -124,6 +125,11 @@ class Fold(Pass):
             if sum(state.stats.values()) == done:
                 break
         modified = any(state.stats.values())
+        if modified and ctx.input_shapes:
+            # the graph is specialized to these shapes now: say so in its input types
+            for t in graph.inputs:
+                if t.name in ctx.input_shapes and t.shape is not None:
+                    t.shape = [int(d) for d in ctx.input_shapes[t.name]]
         if modified:
             _toposort(graph)
             types = infer_types(_export(graph, ctx), ctx.input_shapes) if self.value_info else {}

@@ -93,6 +93,9 @@ def test_input_shapes_option_folds_everything():
     model = parse(RESHAPE.format(dims="N, 3, 4, 5", out="N, 15, 4"))
     out, result = fold(model, input_shapes={"x": (2, 3, 4, 5)})
     assert ops(out) == ["Reshape"]
+    # specialized: the input type says so (the output type is kept as declared)
+    assert [d.dim_value for d in out.graph.input[0].type.tensor_type.shape.dim] == [2, 3, 4, 5]
+    assert out.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "N"
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(out.graph.initializer[0]), [2, -1, 4])
     assert_same_outputs(model, out, sizes=(2,))
 
