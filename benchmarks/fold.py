@@ -27,7 +27,6 @@ import traceback
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from benchmarks import common

@@ -3,7 +3,7 @@
 Rewrite cases, each a named rule counted in its own statistic:
 - ``constant_nodes``: Constant nodes become initializers.
 - ``identity_removed``, ``dropout_removed``: Identity; Dropout in inference.
-- ``noops_removed``: Cast to the same type, Reshape/Flatten/Squeeze/Unsqueeze/Expand/Tile/
+- ``noops_removed``: Cast/CastLike to the same type, Reshape/Flatten/Squeeze/Unsqueeze/Expand/Tile/
   Pad/Slice that change nothing, identity Transpose, one-input Concat, x+0, x-0, x*1, x/1.
 - ``castlike_folded``: CastLike(c, x) needs only x's type: a constant c folds, and a
   computed one becomes a Cast.
@@ -29,9 +29,10 @@ Size policy: no folded value above ``size_limit_mb`` is materialized, and a gene
 value (ConstantOfShape, Expand, Tile, Range...) becomes an initializer only when it is at
 most ``generator_limit_kb`` or no bigger than its inputs, so folding never blows a small
 file up. With ``--input-shapes`` the graph is specialized: those shapes are folded in
-and written on the graph inputs. Shapes are re-inferred every round, ignoring the exporter's value_info and
-output shapes. Rules run inside If/Loop/Scan bodies; graph input/output names and order,
-the opset and custom-domain nodes are kept.
+and written on the graph inputs. Shapes are re-inferred every round, ignoring the
+exporter's value_info and output shapes; intermediate value_info is dropped (or, with
+``value_info=true``, rewritten from the re-inferred shapes). Rules run inside If/Loop/Scan
+bodies; graph input/output names and order, the opset and custom-domain nodes are kept.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 
-from fold_helpers import (assert_idempotent, assert_same_outputs, fold, initializer, io_signature, nonzero,
-                          op_counts, ops, parse)
+from fold_helpers import (assert_idempotent, assert_same_outputs, fold, io_signature, nonzero, op_counts, ops,
+                          parse)
 
 
 def test_identity_and_dropout_removed():

@@ -94,7 +94,6 @@ def _rewrite(state: State, graph: gs.Graph, p: gs.Node, node: gs.Node, w: Lazy, 
     gemm_c = None
     if p.op == "Gemm":
         beta = float(p.attrs.get("beta", 1.0))
-        alpha = float(p.attrs.get("alpha", 1.0))
         if len(p.inputs) > 2 and p.inputs[2].name:
             c = lazy_of(p.inputs[2]).value().astype(np.float64)
             if beta == 0.0:
@@ -103,7 +102,6 @@ def _rewrite(state: State, graph: gs.Graph, p: gs.Node, node: gs.Node, w: Lazy, 
         else:
             c = bias
             p.attrs["beta"] = 1.0
-        del alpha
         gemm_c = c.astype(dtype)
     w_tensor = p.inputs[1]
     if new_w is not None:
