@@ -47,6 +47,8 @@ class Layout:
     ws: list = field(default_factory=list)  # per step: uint8 view or None
     source: str = "runtime"  # "model" when the model's memory plan was used
     blocks: list = field(default_factory=list)
+    static: dict = field(default_factory=dict)  # slot -> value computed once (shape arithmetic)
+    run_steps: list = field(default_factory=list)  # indices of the steps a run executes
 
 
 def _value_args(values) -> list[NodeArg]:
@@ -181,7 +183,13 @@ class Session:
             vals[s] = v
         trace = layout is False and self.use_arena
         record = {} if trace else None
-        for i, step in enumerate(p.steps):
+        static = {} if trace else None  # slots whose value depends on input shapes only
+        known = set(p.consts)
+        if layout:
+            for s, v in layout.static.items():
+                vals[s] = v
+        for i in (layout.run_steps if layout else range(len(p.steps))):
+            step = p.steps[i]
             ins = [vals[j] if j >= 0 else None for j in step.ins]
             if layout:
                 views = layout.outs[i]
@@ -197,6 +205,8 @@ class Session:
                     if v is not None and r is not v and r.shape == v.shape and r.dtype == v.dtype:
                         xp.copyto(v, r)  # a kernel that cannot write in place: keep the slot in the arena
                         r = v
+                    elif r is not v and not step.spec.alias and r.size and _inside(r, layout.arena):
+                        r = r.copy()  # e.g. an If passing an arena tensor through: its slot may be reused
                     vals[s] = r
             else:
                 res = step.fn(ins, None, None)
@@ -212,12 +222,21 @@ class Session:
                         alias = step.spec.alias and k == 0 and ins and ins[0] is not None and \
                             r.size and data_ptr(r) == data_ptr(ins[0])
                         record[s] = (tuple(r.shape), r.dtype, alias, step.ins[0] if alias else -1)
+                if trace and _shape_only(step, known) and all(
+                        r is None or getattr(r, "size", 0) <= STATIC_MAX_ELEMENTS for r in res):
+                    for s, r in zip(step.outs, res):
+                        if s >= 0:
+                            known.add(s)
+                            static[s] = vals[s]
                 for s in p.release[i]:
                     vals[s] = None
         outs = [vals[s] for s in p.outputs]
         if trace:
-            self._layouts[sig] = self._make_layout(values, record)
-        protected = set(p.consts) | set(p.inputs)
+            lay = self._make_layout(values, record, static)
+            lay.static = static
+            lay.run_steps = [i for i, st in enumerate(p.steps) if not all(s < 0 or s in static for s in st.outs)]
+            self._layouts[sig] = lay
+        protected = set(p.consts) | set(p.inputs) | (set(layout.static) if layout else set())
         final = []
         for s, o in zip(p.outputs, outs):
             if layout and o is not None and o.size and layout.arena is not None and _inside(o, layout.arena):
@@ -227,7 +246,7 @@ class Session:
             final.append(o)
         return final
 
-    def _make_layout(self, values, record) -> Layout | None:
+    def _make_layout(self, values, record, static) -> Layout | None:
         """Plan the arena from one traced run (shapes, dtypes, live ranges in node positions)."""
         p = self.program
         steps = p.steps
@@ -256,7 +275,7 @@ class Session:
             if st.spec.dynamic:
                 continue
             for s in st.outs:
-                if s < 0 or s in graph_outputs or s in root or s not in record:
+                if s < 0 or s in graph_outputs or s in root or s not in record or s in static:
                     continue
                 shape, dtype, _, _ = record[s]
                 size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -359,6 +378,21 @@ class Session:
             return next(reversed(self._layouts.values()), None) if self._layouts else None
         sig = tuple((tuple(np.shape(feeds[n])), np.asarray(feeds[n]).dtype.str) for n in self.program.input_names)
         return self._layouts.get(sig)
+
+
+STATIC_MAX_ELEMENTS = 4096  # shape-derived values up to this size are kept per signature
+_SHAPE_OPS = {"Shape", "Size"}
+_NOT_STATIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def _shape_only(step, known) -> bool:
+    """True when the step's outputs depend on input shapes and constants only."""
+    op = step.node.op_type
+    if step.node.domain or op in _NOT_STATIC or step.node.subgraphs or step.node.captures:
+        return False
+    if op in _SHAPE_OPS:
+        return True
+    return bool(step.ins) and all(j < 0 or j in known for j in step.ins)
 
 
 class _blas_threads:
