@@ -130,7 +130,13 @@ class TensorStats:
     channel_axis: int | None = None
     channel_sum: np.ndarray | None = None
     channel_absmax: np.ndarray | None = None
+    channel_min: np.ndarray | None = None
+    channel_max: np.ndarray | None = None
     channel_count: int = 0
+    # a uniform sample of at most ``reservoir`` rows (channel axis last): bounded memory
+    reservoir: int = 0
+    rows: np.ndarray | None = None
+    rows_seen: int = 0
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x)
@@ -149,13 +155,36 @@ class TensorStats:
             axis = self.channel_axis % x.ndim
             other = tuple(a for a in range(x.ndim) if a != axis)
             s = x.sum(axis=other, dtype=np.float64)
-            m = np.maximum(x.max(axis=other), -x.min(axis=other)).astype(np.float64)
+            cmin = x.min(axis=other).astype(np.float64)
+            cmax = x.max(axis=other).astype(np.float64)
             if self.channel_sum is None:
-                self.channel_sum, self.channel_absmax = s, m
+                self.channel_sum, self.channel_min, self.channel_max = s, cmin, cmax
             elif self.channel_sum.shape == s.shape:
                 self.channel_sum = self.channel_sum + s
-                self.channel_absmax = np.maximum(self.channel_absmax, m)
+                self.channel_min = np.minimum(self.channel_min, cmin)
+                self.channel_max = np.maximum(self.channel_max, cmax)
+            self.channel_absmax = np.maximum(self.channel_max, -self.channel_min)
             self.channel_count += int(x.size // max(x.shape[axis], 1))
+            if self.reservoir:
+                self._sample_rows(np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]))
+
+    def _sample_rows(self, rows: np.ndarray) -> None:
+        """Reservoir sampling (algorithm R), seeded: every row seen is kept with equal odds."""
+        rng = np.random.default_rng(self.rows_seen)
+        if self.rows is None:
+            self.rows = np.empty((0, rows.shape[1]), np.float32)
+        if rows.shape[1] != self.rows.shape[1]:
+            return
+        free = self.reservoir - len(self.rows)
+        if free > 0:
+            self.rows = np.concatenate([self.rows, rows[:free].astype(np.float32)])
+        rest = rows[max(free, 0):]
+        if len(rest):
+            t = self.rows_seen + max(free, 0) + np.arange(len(rest))
+            j = (rng.random(len(rest)) * (t + 1)).astype(np.int64)
+            keep = j < self.reservoir
+            self.rows[j[keep]] = rest[keep]
+        self.rows_seen += len(rows)
 
     @property
     def channel_mean(self) -> np.ndarray | None:
@@ -365,13 +394,15 @@ def _progress(iterable, enabled: bool, total: int | None, label: str):
 
 def collect(model: onnx.ModelProto, names: list[str], batches: Iterable[dict[str, np.ndarray]], *,
             histogram: bool = True, bins: int = 2048, channel_axes: dict[str, int] | None = None,
+            reservoir: int = 0,
             session_factory: Callable | None = None, progress: bool = False,
             total_batches: int | None = None, observe: Callable | None = None) -> dict[str, TensorStats]:
     """Run ``model`` batch by batch and return streaming stats of the named tensors."""
     from opc.ort import make_session
 
     channel_axes = channel_axes or {}
-    stats = {n: TensorStats(hist=Histogram(bins) if histogram else None, channel_axis=channel_axes.get(n))
+    stats = {n: TensorStats(hist=Histogram(bins) if histogram else None, channel_axis=channel_axes.get(n),
+                            reservoir=reservoir if n in channel_axes else 0)
              for n in names}
     probe = with_outputs(model, names)
     sess = (session_factory or make_session)(probe)

@@ -125,7 +125,9 @@ class Quantize(Pass):
     exclude: tuple[str, ...] = option((), "node names or op types to keep in float")
     bias_correction: bool = option(True, "remove the mean output shift of quantized weights through the bias")
     smoothquant: bool = option(False, "SmoothQuant scale migration for MatMul/Gemm")
-    alpha: float = option(0.5, "SmoothQuant migration strength", low=0.0, high=1.0)
+    alpha: float = option(0.5, "SmoothQuant migration strength (when alpha_search=false)", low=0.0, high=1.0)
+    alpha_search: bool = option(True, "SmoothQuant: pick alpha per activation by the output error on "
+                                      "sampled calibration rows")
     weight_only: bool = option(False, "quantize only MatMul/Gemm weights (no calibration)")
     weight_bits: int = option(8, "weight bits for weight_only (8 or 4)", low=4, high=8)
     block_size: int = option(32, "block size along K for weight_only int4", low=16)
@@ -578,11 +580,12 @@ class Quantize(Pass):
         model = ctx.to_model(graph)
         names = sorted({n.inputs[0].name for n in targets})
         st = cal.collect(model, names, self._batches(ctx, model), histogram=False,
-                         channel_axes={n: -1 for n in names})
+                         channel_axes={n: -1 for n in names}, reservoir=128 if self.alpha_search else 0)
         groups: dict[str, list] = {}
         for node in targets:
             groups.setdefault(node.inputs[0].name, []).append(node)
         smoothed = 0
+        alphas_used: list[float] = []
         builder = _Builder(graph, "uint8")
         for xname, nodes in groups.items():
             # one scale per activation: Q, K and V projections of one LayerNorm share it
@@ -596,8 +599,15 @@ class Quantize(Pass):
             if xmax is None or any(xmax.shape[0] != wk.shape[0] for _, wk, _ in kweights):
                 continue
             wmax = np.max([np.abs(wk).max(axis=1) for _, wk, _ in kweights], axis=0)
-            s = np.power(np.maximum(xmax, 1e-5), self.alpha) / np.power(np.maximum(wmax, 1e-5), 1 - self.alpha)
-            s = np.clip(s, 1e-2, 1e2).astype(np.float32)
+            alphas = ALPHA_GRID if self.alpha_search and st[xname].rows is not None else (self.alpha,)
+            best = None
+            for alpha in alphas:
+                s = _smooth_scales(xmax, wmax, alpha)
+                err = _smooth_error(st[xname], [wk for _, wk, _ in kweights], s, self.qtype) if len(alphas) > 1 else 0
+                if best is None or err < best[0]:
+                    best = (err, alpha, s)
+            _, alpha, s = best
+            alphas_used.append(alpha)
             for node, wk, transposed in kweights:
                 wk_new = wk * s[:, None]
                 w_new = wk_new.T if transposed else wk_new
@@ -611,6 +621,8 @@ class Quantize(Pass):
                 node.inputs[0] = mul_out
             smoothed += len(nodes)
         stats["smoothed_nodes"] = smoothed
+        if alphas_used:
+            stats["smoothquant_alpha_mean"] = round(float(np.mean(alphas_used)), 3)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return graph
 
@@ -643,6 +655,31 @@ class Quantize(Pass):
         stats["weight_bits"] = self.weight_bits
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(modified=bool(counts), graph=graph)
+
+
+ALPHA_GRID = (0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def _smooth_scales(xmax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+    s = np.power(np.maximum(xmax, 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1 - alpha)
+    return np.clip(s, 1e-2, 1e2).astype(np.float32)
+
+
+def _smooth_error(st: cal.TensorStats, weights: list, s: np.ndarray, qtype: str) -> float:
+    """Squared output error of fake-quantized (X / s) @ (s * W) on the sampled rows."""
+    x = st.rows
+    lo = float(np.min(st.channel_min / s))  # the exact per-tensor range of X / s over all data
+    hi = float(np.max(st.channel_max / s))
+    scale, zp = cal.activation_params(lo, hi, qtype)
+    xq = cal.fake_quantize(x / s, scale, zp, qtype)
+    err = 0.0
+    for wk in weights:  # [K, N]
+        ws = wk * s[:, None]
+        wscale = cal.weight_params(ws, axis=1)
+        wq = cal.quantize_weight(ws, wscale, axis=1).astype(np.float32) * wscale[None, :]
+        d = x @ wk - xq @ wq
+        err += float(np.dot(d.ravel(), d.ravel()))
+    return err
 
 
 def _topo(graph: gs.Graph) -> list:

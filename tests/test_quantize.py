@@ -415,8 +415,12 @@ def test_smoothquant_moves_outlier_channels_into_weights():
     mul = next(n for n in q.graph.node if n.op_type == "Mul")
     inv = init(q, mul.input[1])
     w_dq = node_by_output(q, node_by_output(q, "y").input[1])
-    w_smoothed = init(q, w_dq.input[0]).astype(np.float32) * init(q, w_dq.input[1])
-    np.testing.assert_allclose(w_smoothed * inv[:, None], init(m, "w"), atol=0.02)
+    wscale = init(q, w_dq.input[1])
+    w_smoothed = init(q, w_dq.input[0]).astype(np.float32) * wscale
+    # within half a quantization step of the smoothed weight, mapped back through 1/s
+    bound = 0.5 * wscale[None, :] * inv[:, None] * (1 + 1e-4) + 1e-7
+    assert np.all(np.abs(w_smoothed * inv[:, None] - init(m, "w")) <= bound)
+    assert smooth["smoothquant_alpha_mean"] in (0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def test_random_calibration_is_reported():

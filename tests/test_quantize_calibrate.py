@@ -175,3 +175,16 @@ def test_layer_error_sqnr():
     bad = cal.LayerError()
     bad.update(ref, np.ones(3))
     assert bad.sqnr_db == -99.0
+
+
+def test_reservoir_keeps_a_bounded_uniform_sample_of_rows():
+    st = cal.TensorStats(channel_axis=-1, reservoir=50)
+    data = np.stack([np.arange(2000, dtype=np.float32), -np.arange(2000, dtype=np.float32)], axis=1)
+    for start in range(0, 2000, 64):
+        st.update(data[start:start + 64])
+    assert st.rows.shape == (50, 2) and st.rows_seen == 2000
+    assert np.all(st.rows[:, 1] == -st.rows[:, 0])  # whole rows, channel axis last
+    assert len(np.unique(st.rows[:, 0])) == 50
+    assert 600 < st.rows[:, 0].mean() < 1400  # drawn from the whole stream, not the first rows
+    np.testing.assert_array_equal(st.channel_min, [0, -1999])
+    np.testing.assert_array_equal(st.channel_max, [1999, 0])
