@@ -86,8 +86,11 @@ def _conv_plan(node, x_shape, w_shape, itemsize):
             Hp, Wp = x_shape[2] + pads[0] + pads[2], x_shape[3] + pads[1] + pads[3]
             R = Hp * Wp + (w_shape[3] - 1) * dil[1]
             L = outs[0] * Wp
+            per_img = C * (R + 2 * L) * itemsize
+            chunk = max(1, min(N, CHUNK_BYTES // max(1, per_img)))
             return dict(kind="depthwise_wide", strides=strides, dil=dil, pads=pads, outs=outs, Hp=Hp, Wp=Wp,
-                        R=R, L=L, ws=_align(N * C * R * itemsize) + 2 * _align(N * C * L * itemsize))
+                        R=R, L=L, chunk=chunk,
+                        ws=_align(chunk * C * R * itemsize) + 2 * _align(chunk * C * L * itemsize))
         padn = N * C * int(np.prod([x_shape[2 + i] + pads[i] + pads[i + nsp] for i in range(nsp)])) if padded else 0
         return dict(kind="depthwise", strides=strides, dil=dil, pads=pads, outs=outs,
                     ws=_align(padn * itemsize) + _align(N * C * prodO * itemsize))
@@ -190,30 +193,36 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws):
     kernel tap is a (N*C, Ho*Wp) multiply-add of a shifted slice; junk columns dropped at the end."""
     N, C = x.shape[:2]
     kh, kw = w.shape[2:]
-    Hp, Wp, R, L = p["Hp"], p["Wp"], p["R"], p["L"]
+    Hp, Wp, R, L, chunk = p["Hp"], p["Wp"], p["R"], p["L"], p["chunk"]
     dh, dw = p["dil"]
     Ho, Wo = p["outs"]
     pads = p["pads"]
-    src, off = _take(ws, 0, (N * C, R), x.dtype, xp)
-    acc, off = _take(ws, off, (N * C, L), x.dtype, xp)
-    tmp, off = _take(ws, off, (N * C, L), x.dtype, xp)
-    _pad_into(xp, src[:, :Hp * Wp].reshape(N, C, Hp, Wp), x, [pads[0], pads[1], pads[2], pads[3]])
-    src[:, Hp * Wp:] = 0
-    wt = xp.ascontiguousarray(xp.broadcast_to(w.reshape(1, C, kh * kw), (N, C, kh * kw)).reshape(N * C, kh * kw))
-    for k in range(kh * kw):
-        i, j = divmod(k, kw)
-        o = i * dh * Wp + j * dw
-        if k == 0:
-            xp.multiply(src[:, o:o + L], wt[:, 0:1], out=acc)
+    src_b, off = _take(ws, 0, (chunk * C, R), x.dtype, xp)
+    acc_b, off = _take(ws, off, (chunk * C, L), x.dtype, xp)
+    tmp_b, off = _take(ws, off, (chunk * C, L), x.dtype, xp)
+    wt_b = xp.ascontiguousarray(xp.broadcast_to(w.reshape(1, C, kh * kw), (chunk, C, kh * kw))
+                                .reshape(chunk * C, kh * kw))
+    for n0 in range(0, N, chunk):
+        nb = min(chunk, N - n0)
+        src, acc, tmp, wt = src_b[:nb * C], acc_b[:nb * C], tmp_b[:nb * C], wt_b[:nb * C]
+        _pad_into(xp, src[:, :Hp * Wp].reshape(nb, C, Hp, Wp), x[n0:n0 + nb], [pads[0], pads[1], pads[2], pads[3]])
+        src[:, Hp * Wp:] = 0
+        for k in range(kh * kw):
+            i, j = divmod(k, kw)
+            o = i * dh * Wp + j * dw
+            if k == 0:
+                xp.multiply(src[:, o:o + L], wt[:, 0:1], out=acc)
+            else:
+                xp.multiply(src[:, o:o + L], wt[:, k:k + 1], out=tmp)
+                acc += tmp
+        a4 = acc.reshape(nb, C, Ho, Wp)[:, :, :, :Wo]
+        dst = y[n0:n0 + nb]
+        if b is not None:
+            xp.add(a4, b.reshape(1, C, 1, 1), out=dst)
         else:
-            xp.multiply(src[:, o:o + L], wt[:, k:k + 1], out=tmp)
-            acc += tmp
-    a4 = acc.reshape(N, C, Ho, Wp)[:, :, :, :Wo]
-    if b is not None:
-        xp.add(a4, b.reshape(1, C, 1, 1), out=y)
-    else:
-        y[...] = a4
-    return apply_post(xp, node, y)
+            dst[...] = a4
+        apply_post(xp, node, dst)
+    return y
 
 
 def _conv_wide(xp, node, x, w, b, y, p, ws):
@@ -463,6 +472,32 @@ def _max_indices(xp, node, x, K):
     return best, bi
 
 
+def _maxpool_nopad(xp, node, x, K, outs):
+    """Max pooling without a padded copy: each kernel tap updates only the outputs whose
+    window position falls inside the input (padding is -inf, so it never wins)."""
+    nsp = x.ndim - 2
+    strides, dil, pads, osz = _geom(node, x.shape, K, bool(node.a("ceil_mode", 0)))
+    shape = x.shape[:2] + tuple(osz)
+    y = out_if(outs, 0, shape, x.dtype)
+    if y is None:
+        y = xp.empty(shape, dtype=x.dtype)
+    y[...] = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+    for kk in itertools.product(*[range(k) for k in K]):
+        ysl, xsl = [slice(None)] * 2, [slice(None)] * 2
+        for i in range(nsp):
+            S, s, off = x.shape[2 + i], strides[i], kk[i] * dil[i] - pads[i]
+            lo = max(0, -(-(-off) // s))  # first o with o*s + off >= 0
+            hi = min(osz[i] - 1, (S - 1 - off) // s)  # last o with o*s + off <= S-1
+            if hi < lo:
+                break
+            ysl.append(slice(lo, hi + 1))
+            xsl.append(slice(lo * s + off, hi * s + off + 1, s))
+        else:
+            yv = y[tuple(ysl)]
+            xp.maximum(yv, x[tuple(xsl)], out=yv)
+    return y
+
+
 @kernel("MaxPool")
 def _maxpool(node, xp):
     K = list(node.a("kernel_shape"))
@@ -470,6 +505,8 @@ def _maxpool(node, xp):
     def run(ins, outs, ws):
         if len(node.outputs) > 1 and node.outputs[1]:
             return list(_max_indices(xp, node, ins[0], K))
+        if ins[0].dtype.kind == "f":
+            return apply_post(xp, node, _maxpool_nopad(xp, node, ins[0], K, outs))
         return _pool(xp, node, ins[0], "max", K)
     return run
 

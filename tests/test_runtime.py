@@ -251,3 +251,24 @@ def test_ops_without_onnx_node_cases_match_ort():
     g (float[2, 3, 5, 4] x) => (float[2, 3, 1, 1] y) { y = GlobalLpPool <p = 3> (x) }
     """)
     _check(model, {"x": np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("x_shape,w_shape,attrs", [CONV_CASES[3], CONV_CASES[7], CONV_CASES[9]])
+def test_conv_batch_chunks(monkeypatch, x_shape, w_shape, attrs):
+    """Batches are gathered a chunk at a time to bound the scratch memory: one image per chunk here."""
+    from opc.runtime import k_nn
+
+    monkeypatch.setattr(k_nn, "CHUNK_BYTES", 1)
+    model, feeds = _conv_model((3,) + x_shape[1:], w_shape, **attrs)
+    _check(model, feeds)
+
+
+def test_maxpool_without_padded_copy_matches_ort():
+    for attrs in ("kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1]",
+                  "kernel_shape = [2, 3], strides = [2, 1], pads = [0, 1, 1, 0], ceil_mode = 1",
+                  "kernel_shape = [3, 3], dilations = [2, 2], pads = [2, 2, 2, 2]"):
+        model = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 3, 11, 10] x) => (float[2, 3, a, b] y) {{ y = MaxPool <{attrs}> (x) }}
+        """)
+        _check(model, {"x": np.random.default_rng(0).standard_normal((2, 3, 11, 10)).astype(np.float32)})
