@@ -49,6 +49,7 @@ class Layout:
     blocks: list = field(default_factory=list)
     static: dict = field(default_factory=dict)  # slot -> value computed once (shape arithmetic)
     run_steps: list = field(default_factory=list)  # indices of the steps a run executes
+    plan: list = field(default_factory=list)  # (fn, inputs, outputs, views, workspace, alias) per run step
 
 
 def _value_args(values) -> list[NodeArg]:
@@ -102,6 +103,7 @@ class Session:
         self.use_model_plan = use_model_plan
         self._layouts: dict[tuple, Layout | None] = {}
         self._out_index = {n: i for i, n in enumerate(self.program.output_names)}
+        self._input_slots = set(self.program.inputs)
 
     # -- ORT-like API -------------------------------------------------------------
     def get_inputs(self) -> list[NodeArg]:
@@ -188,63 +190,74 @@ class Session:
         if layout:
             for s, v in layout.static.items():
                 vals[s] = v
-        for i in (layout.run_steps if layout else range(len(p.steps))):
+            self._run_arena(vals, layout)
+        for i in (() if layout else range(len(p.steps))):
             step = p.steps[i]
             ins = [vals[j] if j >= 0 else None for j in step.ins]
-            if layout:
-                views = layout.outs[i]
-                res = step.fn(ins, views, layout.ws[i])
-                if not isinstance(res, (list, tuple)):
-                    res = (res,)
-                for k, (s, r) in enumerate(zip(step.outs, res)):
-                    if s < 0:
-                        continue
-                    if not isinstance(r, xp.ndarray):  # a NumPy scalar from a full reduction
-                        r = xp.asarray(r)
-                    v = views[k] if views is not None else None
-                    if v is not None and r is not v and r.shape == v.shape and r.dtype == v.dtype:
-                        xp.copyto(v, r)  # a kernel that cannot write in place: keep the slot in the arena
-                        r = v
-                    elif r is not v and not step.spec.alias and r.size and _inside(r, layout.arena):
-                        r = r.copy()  # e.g. an If passing an arena tensor through: its slot may be reused
-                    vals[s] = r
-            else:
-                res = step.fn(ins, None, None)
-                if not isinstance(res, (list, tuple)):
-                    res = (res,)
-                for k, (s, r) in enumerate(zip(step.outs, res)):
-                    if s < 0:
-                        continue
-                    if not isinstance(r, xp.ndarray):
-                        r = xp.asarray(r)
-                    vals[s] = r
-                    if trace:
-                        alias = step.spec.alias and k == 0 and ins and ins[0] is not None and \
-                            r.size and data_ptr(r) == data_ptr(ins[0])
-                        record[s] = (tuple(r.shape), r.dtype, alias, step.ins[0] if alias else -1)
-                if trace and _shape_only(step, known) and all(
-                        r is None or getattr(r, "size", 0) <= STATIC_MAX_ELEMENTS for r in res):
-                    for s, r in zip(step.outs, res):
-                        if s >= 0:
-                            known.add(s)
-                            static[s] = vals[s]
-                for s in p.release[i]:
-                    vals[s] = None
+            res = step.fn(ins, None, None)
+            if not isinstance(res, (list, tuple)):
+                res = (res,)
+            for k, (s, r) in enumerate(zip(step.outs, res)):
+                if s < 0:
+                    continue
+                if not isinstance(r, xp.ndarray):
+                    r = xp.asarray(r)
+                vals[s] = r
+                if trace:
+                    alias = step.spec.alias and k == 0 and ins and ins[0] is not None and \
+                        r.size and data_ptr(r) == data_ptr(ins[0])
+                    record[s] = (tuple(r.shape), r.dtype, alias, step.ins[0] if alias else -1)
+            if trace and _shape_only(step, known) and all(
+                    r is None or getattr(r, "size", 0) <= STATIC_MAX_ELEMENTS for r in res):
+                for s, r in zip(step.outs, res):
+                    if s >= 0:
+                        known.add(s)
+                        static[s] = vals[s]
+            for s in p.release[i]:
+                vals[s] = None
         outs = [vals[s] for s in p.outputs]
         if trace:
             lay = self._make_layout(values, record, static)
             lay.static = static
             lay.run_steps = [i for i, st in enumerate(p.steps) if not all(s < 0 or s in static for s in st.outs)]
+            lay.plan = [(p.steps[i].fn, tuple(p.steps[i].ins), tuple(p.steps[i].outs), lay.outs[i], lay.ws[i],
+                         p.steps[i].spec.alias) for i in lay.run_steps]
             self._layouts[sig] = lay
-        protected = set(p.consts) | set(p.inputs) | (set(layout.static) if layout else set())
         final = []
         for s, o in zip(p.outputs, outs):
-            if layout and o is not None and o.size and layout.arena is not None and _inside(o, layout.arena):
+            if layout and o is not None and o.size and _inside(o, layout.arena):
                 o = o.copy()
-            elif s in protected:
-                o = o.copy()
+            elif s in p.consts or s in self._input_slots or (layout and s in layout.static):
+                o = o.copy()  # the caller must not be able to edit weights, feeds or cached values
             final.append(o)
         return final
+
+    def _run_arena(self, vals, layout) -> None:
+        """The steady-state loop: every kernel gets its arena views and workspace."""
+        xp = self.xp
+        nd = xp.ndarray
+        lo = data_ptr(layout.arena)
+        hi = lo + layout.arena.size
+        for fn, ins_idx, outs_idx, views, ws, alias in layout.plan:
+            res = fn([vals[j] if j >= 0 else None for j in ins_idx], views, ws)
+            if type(res) is not list and type(res) is not tuple:
+                res = (res,)
+            for k, s in enumerate(outs_idx):
+                if s < 0:
+                    continue
+                r = res[k]
+                v = views[k] if views is not None else None
+                if r is v:
+                    vals[s] = r
+                    continue
+                if not isinstance(r, nd):  # a NumPy scalar from a full reduction
+                    r = xp.asarray(r)
+                if v is not None and r.shape == v.shape and r.dtype == v.dtype:
+                    xp.copyto(v, r)  # a kernel that cannot write in place: keep the slot in the arena
+                    r = v
+                elif not alias and r.size and lo <= data_ptr(r) < hi:
+                    r = r.copy()  # e.g. an If passing an arena tensor through: its slot may be reused
+                vals[s] = r
 
     def _make_layout(self, values, record, static) -> Layout | None:
         """Plan the arena from one traced run (shapes, dtypes, live ranges in node positions)."""
