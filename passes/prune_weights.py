@@ -4,8 +4,9 @@ Rewrite cases (statistics in parentheses):
 - ``mode=unstructured``: the lowest-importance weights of Conv/ConvTranspose/Gemm/MatMul
   constants become zero, ``round(sparsity * size)`` per layer (``scope=layer``) or over all
   layers together (``scope=global``); ``layers={node:s}`` overrides the target of a node.
-  The first and last prunable layers stay dense unless ``keep_ends=false`` or named in
-  ``layers`` (``weights_pruned``, ``layers_pruned``, ``sparsity``).
+  The first and last prunable layers and depthwise convolutions stay dense unless
+  ``keep_ends=false`` / ``depthwise=true`` or named in ``layers`` (``weights_pruned``,
+  ``layers_pruned``, ``sparsity``).
 - ``mode=nm``: N:M sparsity (2:4 by default): in every run of ``m`` weights along the
   reduction dimension (input channels for Conv) only ``n`` stay; layers whose reduction
   size is not a multiple of ``m`` are skipped with a warning.
@@ -20,7 +21,9 @@ Rewrite cases (statistics in parentheses):
   pruned layer and every layer downstream of one gets its remaining weights and bias
   refitted by least squares to reproduce the ORIGINAL model's layer output from the
   pruned model's inputs (``layers_reconstructed``; per-layer calibration error before
-  and after in details["reconstruction"]).
+  and after in details["reconstruction"]). The ridge (``damp``) pulls toward the trained
+  weights, so directions the calibration data never excites keep their values; a layer
+  with fewer calibration rows than 2x its weights per output is not refitted (warned).
 - ``sparse_storage=true``: pruned weights of at least 60% sparsity are stored as their
   nonzero values and int32 positions, rebuilt by ConstantOfShape/ScatterElements/Reshape
   that ONNX Runtime constant-folds at load time: smaller files, same speed
@@ -62,6 +65,7 @@ class Prune(Pass):
     exclude: tuple[str, ...] = option((), "node names or op types left unpruned")
     layers: dict[str, float] | None = option(None, "per-node target sparsity overrides {node:sparsity}")
     keep_ends: bool = option(True, "leave the first and last prunable layer dense (unstructured, nm)")
+    depthwise: bool = option(False, "prune depthwise Conv weights too (unstructured, nm: few weights, very sensitive)")
     sparse_storage: bool = option(False, "store >=60%-sparse weights as values + positions (smaller files)")
     samples: int = option(256, "calibration samples used", low=1)
     batch: int = option(32, "calibration batch size", low=1)
@@ -103,8 +107,11 @@ class Prune(Pass):
         order = {id(node): i for i, node in enumerate(topo_order(graph))}
         ordered = sorted(all_layers, key=lambda layer: order[id(layer.node)])
         ends = {id(ordered[0]), id(ordered[-1])} if self.keep_ends and ordered else set()
+        def default_on(layer: Layer) -> bool:
+            return id(layer) not in ends and (self.depthwise or not is_depthwise(layer))
+
         return [layer for layer in ordered
-                if not self.excluded(layer) and (id(layer) not in ends or layer.name in self.overrides)]
+                if not self.excluded(layer) and (layer.name in self.overrides or default_on(layer))]
 
     def _prune_weights(self, graph, ctx, original, all_layers) -> PassResult:
         candidates = self._candidates(graph, all_layers)
@@ -137,7 +144,7 @@ class Prune(Pass):
         masks_by_layer = {id(layer): mask for layer, mask in zip(candidates, layer_masks)}
         recon = self._maybe_reconstruct(graph, ctx, original, all_layers, changed, masks_by_layer, {}, warnings)
         stats = self._weight_stats(candidates, before, newly, len(changed))
-        stats["layers_reconstructed"] = len(recon)
+        stats["layers_reconstructed"] = sum("skipped" not in r for r in recon)
         details = {"layers": self._layer_table(candidates, before), "reconstruction": recon}
         if self.sparse_storage:
             stats["weights_sparse_stored"] = store_sparse(graph, candidates)
@@ -190,10 +197,19 @@ class Prune(Pass):
             warnings.append("prune: no calibration data, weights pruned without reconstruction "
                             "(give --calibration-data or reconstruct=false)")
             return []
-        return reconstruct_layers(self, graph, ctx, original, all_layers, changed, masks_by_layer, out_keep)
+        done, skipped = reconstruct_layers(self, graph, ctx, original, all_layers, changed, masks_by_layer,
+                                           out_keep)
+        if skipped:
+            warnings.append(f"prune: {len(skipped)} layer(s) not refitted, too few calibration samples "
+                            f"(e.g. '{skipped[0]['node']}': {skipped[0]['skipped']})")
+        return done + skipped
 
 
 # --- shared by both modes ---------------------------------------------------------------------
+
+def is_depthwise(layer: Layer) -> bool:
+    return layer.op == "Conv" and layer.group > 1 and layer.weight.values.shape[1] == 1
+
 
 def input_rms(p: Prune, ctx, model, layers: list[Layer]) -> list[np.ndarray]:
     """Root mean square of each layer's input channels on calibration data (original model)."""
@@ -260,12 +276,15 @@ def levels(graph, layers: list[Layer]) -> list[list[Layer]]:
     return [grouped[k] for k in sorted(grouped)]
 
 
+MIN_ROWS_PER_UNKNOWN = 2  # calibration rows (samples x positions) per refitted weight of an output
+
+
 def reconstruct_layers(p: Prune, graph, ctx, original, all_layers, changed, masks_by_layer,
                        out_keep: dict[str, np.ndarray]) -> list[dict]:
     """Refit layer by layer; ``out_keep`` maps a layer's output name to its kept channels."""
     todo = refit_layers(p, graph, all_layers, changed)
     if not todo:
-        return []
+        return [], []
     report = []
     for level in levels(graph, todo):
         current = ctx.to_model(graph)
@@ -291,15 +310,24 @@ def reconstruct_layers(p: Prune, graph, ctx, original, all_layers, changed, mask
             mask = mask & (layer.to_matrix() != 0) if id(layer) in masks_by_layer else mask
             w0 = acc.current()
             err0 = acc.error(w0)
+            row = {"node": layer.name, "op": layer.op, "rows": int(acc.rows), "error_before": round(err0, 8)}
+            unknowns = int(mask.sum(1).max()) + int(acc.fit_bias) if mask.size else 0
+            if acc.rows < MIN_ROWS_PER_UNKNOWN * unknowns:
+                # fewer equations than weights: the fit would interpolate the calibration
+                # samples and generalise badly (a classifier fed 16 images, say)
+                row.update(error_after=round(err0, 8), skipped=f"{acc.rows} calibration rows for "
+                           f"{unknowns} weights per output (needs {MIN_ROWS_PER_UNKNOWN}x)")
+                report.append(row)
+                continue
             w1 = acc.solve(mask, p.damp)
             err1 = acc.error(w1)
             if np.all(np.isfinite(w1)) and err1 <= err0:
                 acc.write(w1)
             else:
                 err1 = err0
-            report.append({"node": layer.name, "op": layer.op, "rows": int(acc.rows),
-                           "error_before": round(err0, 8), "error_after": round(err1, 8)})
-    return report
+            row["error_after"] = round(err1, 8)
+            report.append(row)
+    return [r for r in report if "skipped" not in r], [r for r in report if "skipped" in r]
 
 
 def store_sparse(graph: gs.Graph, layers: list[Layer]) -> int:

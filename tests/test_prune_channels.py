@@ -307,3 +307,12 @@ def test_channel_multiple_rounds_kept_channels_up():
     kept = {g["producers"][0]: g["channels_after"] for g in rec.details["groups"]}
     assert kept["a"] == 4  # 6 -> 3, rounded up to 4
     assert kept["b"] == 2 and kept["e"] == 2  # groups no larger than the multiple are not rounded
+
+
+def test_unstructured_leaves_depthwise_convs_dense_by_default():
+    model = concat_model()
+    out, rec = compile_(model, "prune(sparsity=0.5,scope=layer,keep_ends=false,reconstruct=false)")
+    np.testing.assert_array_equal(weights(out)["wd"], weights(model)["wd"])
+    assert "d" not in [row["node"] for row in rec.details["layers"]]
+    out, rec = compile_(model, "prune(sparsity=0.5,scope=layer,keep_ends=false,reconstruct=false,depthwise=true)")
+    assert (weights(out)["wd"] == 0).sum() == round(0.5 * 13 * 9)

@@ -584,7 +584,12 @@ def prune_channels(p, graph: gs.Graph, ctx, original, all_layers: list[Layer]):
         else:
             masks = {id(layer): layer.to_matrix() != 0 if nonzero_before[id(layer)] < before[id(layer)]
                      else np.ones(layer.to_matrix().shape, dtype=bool) for layer in changed.values()}
-            recon = reconstruct_layers(p, graph, ctx, original, all_layers, list(changed.values()), masks, out_keep)
-    stats["layers_reconstructed"] = len(recon)
+            done, skipped = reconstruct_layers(p, graph, ctx, original, all_layers, list(changed.values()), masks,
+                                               out_keep)
+            recon = done + skipped
+            if skipped:
+                warnings.append(f"prune: {len(skipped)} layer(s) not refitted, too few calibration samples "
+                                f"(e.g. '{skipped[0]['node']}': {skipped[0]['skipped']})")
+    stats["layers_reconstructed"] = sum("skipped" not in r for r in recon)
     details["reconstruction"] = recon
     return PassResult(True, stats, details=details, warnings=warnings)

@@ -126,8 +126,14 @@ class Accumulator:
         return float(max(err, 0.0) / max(self.yy.sum(), 1e-30))
 
     def solve(self, mask: np.ndarray, damp: float) -> np.ndarray:
-        """Refitted effective weights [groups, size, og]; ``mask`` is the layer's [O, cols] mask."""
+        """Refitted effective weights [groups, size, og]; ``mask`` is the layer's [O, cols] mask.
+
+        The ridge pulls toward the current (masked) weights, not toward zero: directions
+        the calibration data does not excite keep their trained values instead of
+        whatever fits a few samples best.
+        """
         w = np.zeros((self.groups, self.h.shape[1], self.og))
+        prior = self.current()
         mask = mask.reshape(self.groups, self.og, self.cols)
         for g in range(self.groups):
             h = self.h[g].copy()
@@ -137,6 +143,8 @@ class Accumulator:
             h[idx, idx] += lam
             dead = np.diag(h) <= 0
             h[dead, dead] = 1.0
+            xty = self.xty[g].copy()
+            xty[: self.cols] += lam * prior[g, : self.cols]
             # rows with the same mask share one factorisation (always so in channel mode)
             patterns: dict[bytes, list[int]] = {}
             for o in range(self.og):
@@ -145,9 +153,9 @@ class Accumulator:
                 for rows in patterns.values():
                     keep = self._kept(mask[g, rows[0]])
                     if keep.size:
-                        w[g][np.ix_(keep, rows)] = _spd_solve(h[np.ix_(keep, keep)], self.xty[g][np.ix_(keep, rows)])
+                        w[g][np.ix_(keep, rows)] = _spd_solve(h[np.ix_(keep, keep)], xty[np.ix_(keep, rows)])
             else:
-                self._solve_rows(h, self.xty[g], mask[g], w[g])
+                self._solve_rows(h, xty, mask[g], w[g])
         return w
 
     def _kept(self, row_mask: np.ndarray) -> np.ndarray:
