@@ -115,7 +115,8 @@ def _conv_plan(node, x_shape, w_shape, itemsize):
 def conv_workspace(node, shapes, dtypes):
     if len(shapes) < 2 or shapes[0] is None or shapes[1] is None:
         return 0
-    return _conv_plan(node, shapes[0], shapes[1], np.dtype(dtypes[0]).itemsize)["ws"]
+    itemsize = np.dtype(dtypes[0]).itemsize if dtypes and dtypes[0] is not None else 4
+    return _conv_plan(node, shapes[0], shapes[1], itemsize)["ws"]
 
 
 def _pad_into(xp, dst, x, pads, value=0):
