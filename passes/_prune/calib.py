@@ -13,31 +13,32 @@ import onnx
 
 
 def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose outputs are exactly ``names`` (graph inputs skipped)."""
-    inputs = {i.name for i in model.graph.input}
+    """A model whose outputs are exactly ``names`` (graph inputs skipped), holding only the
+    nodes and initializers those tensors depend on: each calibration run then computes
+    only up to the layers of interest, and large models are not copied whole."""
+    src = model.graph
+    inputs = {i.name for i in src.input}
     wanted = list(dict.fromkeys(n for n in names if n not in inputs))
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.output[:]
-    # an output without a type: ORT infers it (its optimizer keeps fetched tensors intact)
-    out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted)
-    # only the nodes the fetched tensors depend on run: earlier layers are computed once
-    # per level instead of the whole model
     needed = set(wanted)
     keep = []
-    for node in reversed(out.graph.node):
+    for node in reversed(src.node):
         if any(o in needed for o in node.output):
             keep.append(node)
             needed.update(node.input)
             for attr in node.attribute:  # outer names used inside subgraphs
                 for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                     needed.update(i for n in g.node for i in n.input)
-    if len(keep) < len(out.graph.node):
-        del out.graph.node[:]
-        out.graph.node.extend(reversed(keep))
-        inits = [t for t in out.graph.initializer if t.name in needed]
-        del out.graph.initializer[:]
-        out.graph.initializer.extend(inits)
+    out = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    graph = out.graph
+    graph.name = src.name
+    graph.input.extend(src.input)
+    graph.node.extend(reversed(keep))
+    graph.initializer.extend(t for t in src.initializer if t.name in needed)
+    graph.sparse_initializer.extend(t for t in src.sparse_initializer if t.values.name in needed)
+    # an output without a type: ORT infers it
+    graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted)
     return out
 
 
