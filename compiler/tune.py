@@ -64,7 +64,8 @@ from opc.trials import SerialRunner, Trial, TrialResult, TrialRunner
 
 BUILTIN_METRICS = ("top1", "cosine", "mse")
 OBJECTIVES = ("latency", "size")
-LATENCY_MARGIN = 0.03  # a latency move must be this much faster to count (timing noise)
+LATENCY_MARGIN = 0.05  # a latency move must be this much faster to count (timing noise)
+FINAL_TIE = 0.02  # final re-timing: finalists this close to the fastest count as equal
 PRUNE_LEVELS = (0.25, 0.5)
 MATMUL_OPS = ("MatMul", "Gemm")
 
@@ -732,6 +733,14 @@ class _Search:
             current = improved
 
 
+def _changes(cfg: Config | None) -> int:
+    """How far a configuration is from quantizing every layer alike (a tie-break)."""
+    if cfg is None:
+        return 1 << 30
+    return (len(cfg.exclude) + len(cfg.extra) + int(cfg.weight_only) + int(cfg.sparsity > 0)
+            + int(cfg.calibration is not None))
+
+
 def _retime(evaluator: "Evaluator", models: dict[str, onnx.ModelProto], rounds: int) -> dict[str, float]:
     """Interleaved serial timing: each round times every model once; medians across rounds."""
     sessions = {k: evaluator.session(m) for k, m in models.items()}
@@ -805,14 +814,23 @@ def tune(model: onnx.ModelProto | str | Path, calibration, eval_data, *, labels=
         feasible = sorted((r for r in search.results if search.meets(r)), key=lambda r: (search.key(r), r.drop))
         models = {best.pipeline: evaluator.compile(best.pipeline)[0]}
         if objective == "latency" and len(feasible) > 1 and finalists > 1 and not interrupted:
-            for r in feasible[:finalists]:
+            # the fastest few by the search's own timing, plus every configuration that
+            # treats all layers alike (trial timings on a busy machine are noisy: a "keep one
+            # layer in float" move can win by luck)
+            chosen = feasible[:finalists] + [r for r in feasible if r.phase in ("sensitivity", "calibration")]
+            chosen = list({r.pipeline: r for r in chosen}.values())
+            for r in chosen:
                 if r.pipeline not in models:
                     models[r.pipeline] = evaluator.compile(r.pipeline)[0]
-            timed = _retime(evaluator, {**models, "<float>": evaluator.model}, rounds=5)
+            timed = _retime(evaluator, {**{r.pipeline: models[r.pipeline] for r in chosen},
+                                        "<float>": evaluator.model}, rounds=7)
             result.final_timing = timed
-            best = min(feasible[:finalists], key=lambda r: (timed[r.pipeline], r.drop))
+            fastest = min(timed[r.pipeline] for r in chosen)
+            # within 2% of the fastest is a tie: take the configuration with the fewest changes
+            close = [r for r in chosen if timed[r.pipeline] <= fastest * (1 + FINAL_TIE)]
+            best = min(close, key=lambda r: (_changes(search.config_of.get(r.pipeline)), timed[r.pipeline]))
             if log_file:
-                log_file.write(json.dumps({"phase": "final", "retimed_ms": timed}) + "\n")
+                log_file.write(json.dumps({"phase": "final", "retimed_ms": timed, "winner": best.pipeline}) + "\n")
         result.best = best
         result.met = search.meets(best)
         result.model = models[best.pipeline]

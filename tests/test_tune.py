@@ -356,3 +356,17 @@ def test_interrupt_returns_the_best_so_far(digits_assets):
                on_result=stop_after_two)
     assert res.interrupted and len(res.results) == 2
     assert res.best is not None and res.best.pipeline == "fold,quantize" and res.model is not None
+
+
+def test_latency_winner_is_picked_by_the_final_interleaved_timing(digits_assets, tmp_path):
+    from opc.tune import FINAL_TIE
+
+    log = tmp_path / "t.jsonl"
+    res = tune(digits_assets["model"], digits_assets["calib"], digits_assets["eval"], trials=3, repeats=4, log=log)
+    timed = dict(res.final_timing)
+    assert "<float>" in timed and res.pipeline in timed and len(timed) >= 3  # float + at least two finalists
+    float_ms = timed.pop("<float>")
+    assert float_ms > 0
+    assert timed[res.pipeline] <= min(timed.values()) * (1 + FINAL_TIE)
+    final = [json.loads(x) for x in log.read_text().splitlines()][-1]
+    assert final["phase"] == "final" and final["winner"] == res.pipeline
