@@ -7,7 +7,8 @@ Table 1 (per model and quantizer, same calibration samples, same run):
 - accuracy: top-1 vs labels (digits, efficientnet-lite0), top-1 agreement with fp32,
   cosine of outputs vs fp32 (sentence embeddings for minilm-l6), output SQNR vs fp32;
 - ONNX Runtime CPU latency at batch 1 and 32 (median, ``--threads`` intra-op threads)
-  and speed-up over fp32;
+  and speed-up over fp32, timed round-robin across the variants of one model so that the
+  shared machine's load falls on all of them alike;
 - integer ops after ORT's graph optimizations (QLinearConv, QGemm, MatMulIntegerToFloat,
   ...; from SessionOptions.optimized_model_filepath), float Conv/Gemm/MatMul left, and
   coverage = integer Conv/Gemm/MatMul / Conv/Gemm/MatMul in the float model;
@@ -50,17 +51,6 @@ def opc_quantize(model, batches, options: str):
     q, report = opc.compile(model, f"quantize(batch={CAL_BATCH}{',' + options if options else ''})",
                             calibration=data)
     return q, report.passes[-1].stats
-
-
-class _Reader:
-    def __init__(self, batches):
-        self.it = iter(batches)
-
-    def get_next(self):
-        return next(self.it, None)
-
-    def rewind(self):  # pragma: no cover - not used by quantize_static
-        pass
 
 
 def ort_quantize(model, batches, activation="uint8", method="MinMax"):
@@ -141,6 +131,7 @@ def batch_feeds(feeds: dict, batch: int) -> dict:
 
 
 def measure(name, label, fp32, q, ev, ref, threads, repeats, stats=None, quant_s=None, base=None):
+    """Accuracy, integer-op and coverage columns of one quantized model (latency comes later)."""
     row = {"model": name, "quantizer": label}
     out = outputs(q, ev.inputs, threads)
     if ev.labels is not None and ev.metric == "top1":
@@ -155,12 +146,6 @@ def measure(name, label, fp32, q, ev, ref, threads, repeats, stats=None, quant_s
     row["int_ops"] = integer
     row["float_mm"] = sum(v for k, v in ops.items() if k in FLOAT_WEIGHTED)
     row["coverage"] = round(min(integer, eligible) / eligible, 3) if eligible else 0.0
-    for b in (1, 32):
-        feeds = batch_feeds(ev.inputs, b)
-        lat = common.ort_latency(q, feeds, threads=threads, repeats=repeats if b == 1 else max(3, repeats // 4))
-        row[f"b{b}_ms"] = round(lat["median_ms"], 3)
-        if base is not None and base.get(f"b{b}_ms"):
-            row[f"b{b}_speedup"] = round(base[f"b{b}_ms"] / lat["median_ms"], 2)
     if quant_s is not None:
         row["quant_s"] = round(quant_s, 2)
     if stats:
@@ -180,6 +165,7 @@ def model_rows(name, args) -> list[dict]:
     ref = outputs(fp32, ev.inputs, args.threads)
     base = measure(name, "fp32", fp32, fp32, ev, ref, args.threads, args.repeats)
     rows = [base]
+    models = {"fp32": fp32}
     variants = [("opc uint8", lambda: opc_quantize(fp32, batches, "activation_type=uint8")),
                 ("opc int8", lambda: opc_quantize(fp32, batches, "activation_type=int8"))]
     if name in ("minilm-l6", "bert-tiny"):
@@ -199,10 +185,43 @@ def model_rows(name, args) -> list[dict]:
         took = time.perf_counter() - t0
         try:
             rows.append(measure(name, label, fp32, q, ev, ref, args.threads, args.repeats, stats, took, base))
+            models[label] = q
         except Exception as exc:
             rows.append({"model": name, "quantizer": label, "error": f"{type(exc).__name__}: {str(exc)[:80]}"})
         print(rows[-1], flush=True)
+    interleaved_latency(rows, models, ev, args.threads, args.repeats)
     return rows
+
+
+def interleaved_latency(rows, models, ev, threads, repeats):
+    """Median latency per variant, timed round-robin (one run of each per round) so that the
+    load of a shared machine hits every variant alike; speed-up is against fp32 of the same rounds."""
+    from opc.ort import make_session
+
+    by_label = {r["quantizer"]: r for r in rows}
+    for b in (1, 32):
+        feeds = batch_feeds(ev.inputs, b)
+        sessions = {}
+        for label, m in models.items():
+            sess = make_session(m, threads=threads)
+            names = {i.name for i in sess.get_inputs()}
+            sessions[label] = (sess, {k: v for k, v in feeds.items() if k in names})
+        times = {label: [] for label in sessions}
+        rounds = repeats if b == 1 else max(3, repeats // 3)
+        for _ in range(2):  # warm-up
+            for sess, f in sessions.values():
+                sess.run(None, f)
+        for _ in range(rounds):
+            for label, (sess, f) in sessions.items():
+                t0 = time.perf_counter()
+                sess.run(None, f)
+                times[label].append((time.perf_counter() - t0) * 1000.0)
+        base = float(np.median(times["fp32"]))
+        for label, ts in times.items():
+            med = float(np.median(ts))
+            by_label[label][f"b{b}_ms"] = round(med, 3)
+            if label != "fp32":
+                by_label[label][f"b{b}_speedup"] = round(base / med, 2)
 
 
 # --- calibration memory ---------------------------------------------------------------------
@@ -230,7 +249,6 @@ class _StreamData:
 
 
 def calibrate_opc(samples: int, method: str) -> int:
-    import opc
     from opc.ir import import_graph
     from opc.pass_api import PassContext
     from opc.passes.insert_qdq import Quantize
@@ -239,7 +257,6 @@ def calibrate_opc(samples: int, method: str) -> int:
     ctx = PassContext(calibration=_StreamData(samples), template=model)
     p = Quantize(calibration=method, batch=20, sensitivity_samples=0)
     result = p.run(import_graph(model), ctx)
-    del opc
     return int(result.stats["quantized_nodes"])
 
 

@@ -46,7 +46,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from opc import calibrate as cal
-from opc.errors import DataError, ModelError
+from opc.errors import DataError, ModelError, PipelineError
 from opc.pass_api import Pass, PassContext, PassResult, option
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -108,7 +108,7 @@ class Quantize(Pass):
     """Static post-training int8 quantization (QDQ), calibrated on --calibration-data."""
 
     name: ClassVar[str] = "quantize"
-    summary: ClassVar[str] = "static int8 QDQ quantization with calibration (lossy)"
+    summary: ClassVar[str] = "static int8 QDQ quantization, calibrated (ORT fuses it into integer kernels)"
     exact: ClassVar[bool] = False
     tolerance: ClassVar[tuple[float, float]] = (0.1, 0.1)
 
@@ -136,9 +136,9 @@ class Quantize(Pass):
     # --- entry ---------------------------------------------------------------------
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if self.weight_bits not in (4, 8):
-            raise DataError("quantize(weight_bits=...) must be 4 or 8")
+            raise PipelineError(f"quantize(weight_bits={self.weight_bits}): must be 4 or 8")
         if self.weight_bits == 4 and not self.weight_only:
-            raise DataError("quantize(weight_bits=4) needs weight_only=true")
+            raise PipelineError("quantize(weight_bits=4) needs weight_only=true (int4 activations are not supported)")
         if not self.weight_only and self.calibration != "random" and ctx.calibration is None:
             raise DataError("quantize needs --calibration-data (an .npz keyed by input name, samples on the "
                             "first axis), or calibration=random for synthetic data")

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 import opc
 from opc import calibrate as cal
 from opc.data import CalibrationData
-from opc.errors import DataError, OpcError, PipelineError
+from opc.errors import DataError, PipelineError
 from opc.ort import make_session
 
 DATA = Path(__file__).resolve().parents[1] / "compiler" / "data"
@@ -448,8 +448,10 @@ def test_calibration_data_errors(tmp_path):
         opc.compile(m, "quantize", calibration=bad)
     with pytest.raises(PipelineError):
         opc.compile(m, "quantize(calibration=kl)")
-    with pytest.raises(OpcError, match="weight_only"):
+    with pytest.raises(PipelineError, match="weight_only"):
         opc.compile(m, "quantize(weight_bits=4)", calibration=calib(m))
+    with pytest.raises(PipelineError, match="must be 4 or 8"):
+        opc.compile(m, "quantize(weight_only=true,weight_bits=6)")
 
 
 def test_digits_int8_accuracy_within_half_a_point(tmp_path):
