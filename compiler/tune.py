@@ -33,6 +33,11 @@ finishes first):
    one after another in this process, interleaved, so that the winner is not picked
    on timings disturbed by concurrently running workers.
 
+``--log`` writes one JSON object per trial as it finishes (index, phase, note, pipeline,
+metric, drop, latency_ms, latency_spread_ms, rel_latency, size_bytes, sha256, compile_s,
+time_s, error, worker, details) and, for latency, a last ``{"phase": "final",
+"retimed_ms": {...}, "winner": ...}`` line.
+
 Metrics are scores where higher is better; ``drop`` = score(float model) - score(candidate):
 ``top1`` (accuracy on the labels, or agreement with the float model's argmax without
 labels), ``cosine`` (mean per-sample cosine similarity to the float outputs; float = 1),
