@@ -10,7 +10,7 @@ ways: ``dyn`` (TorchScript exporter, symbolic batch, its constant folding on: wh
 biases built as Expand(CastLike(0, x)), BatchNorm unfused).
 
 Columns: nodes (all graphs), file bytes, ORT latency median (ms, 1 thread, ORT's own
-optimizations on), compile time (s: the whole ``opc.compile`` call with its model checks;
+optimizations on; the input and the three outputs run interleaved, round-robin), compile time (s: the whole ``opc.compile`` call with its model checks;
 pass_s: the fold pass alone), max_rel = max |y - y_ref| / max |y_ref| against the
 input model over seeded inputs (two sizes for every dynamic dim) with ORT optimizations
 on, exact = the same with ORT optimizations off, io = input/output names, dtypes and
@@ -189,18 +189,32 @@ def generator_nodes(model: onnx.ModelProto) -> int:
     return sum(1 for n in model.graph.node if n.op_type in GEN_OPS and all(i in inits for i in n.input if i))
 
 
-def latency(model: onnx.ModelProto, feeds: dict, repeats: int, threads: int) -> float | None:
+def latencies(models: dict[str, onnx.ModelProto], feeds: dict, repeats: int, threads: int) -> dict[str, float]:
+    """Median ORT latency (ms) of each model, runs interleaved round-robin so that the
+    shared machine's load drifts affect every variant alike."""
     from opc.ort import make_session
 
-    try:
-        sess = make_session(model, threads=threads)
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        once = time.perf_counter() - t0
-        reps = max(3, min(repeats, int(3.0 / max(once, 1e-4))))
-        return common.ort_latency(model, feeds, threads=threads, repeats=reps, warmup=1, session=sess)["median_ms"]
-    except Exception:
-        return None
+    sessions = {}
+    for key, model in models.items():
+        try:
+            sessions[key] = make_session(model, threads=threads)
+            sessions[key].run(None, feeds)  # warm-up
+        except Exception:
+            pass
+    if not sessions:
+        return {}
+    t0 = time.perf_counter()
+    for s in sessions.values():
+        s.run(None, feeds)
+    once = (time.perf_counter() - t0) / len(sessions)
+    reps = max(3, min(repeats, int(4.0 / max(once, 1e-4))))
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(reps):
+        for key, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feeds)
+            times[key].append((time.perf_counter() - t) * 1000.0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def measure(label: str, path: Path, repeats: int, threads: int) -> list[dict]:
@@ -209,8 +223,8 @@ def measure(label: str, path: Path, repeats: int, threads: int) -> list[dict]:
     feeds = ref["feeds"][0]
     sig = io_signature(original)
     rows = [{"model": label, "tool": "input", "nodes": common.node_count(original), "bytes": original.ByteSize(),
-             "latency_ms": latency(original, feeds, repeats, threads), "compile_s": None, "max_rel": 0.0,
-             "exact": 0.0, "io": True, "gen": generator_nodes(original)}]
+             "compile_s": None, "max_rel": 0.0, "exact": 0.0, "io": True, "gen": generator_nodes(original)}]
+    outputs = {"input": original}
     for tool, fn in TOOLS.items():
         row = {"model": label, "tool": tool}
         try:
@@ -228,11 +242,13 @@ def measure(label: str, path: Path, repeats: int, threads: int) -> list[dict]:
         if tool == "opc fold":
             row["pass_s"] = PASS_TIME.get("last")
         row.update(nodes=common.node_count(out), bytes=out.ByteSize(), compile_s=min(times),
-                   latency_ms=latency(out, feeds, repeats, threads), io=io_signature(out) == sig,
-                   gen=generator_nodes(out))
+                   io=io_signature(out) == sig, gen=generator_nodes(out))
         row.update(check(out, ref))
         rows.append(row)
-        del out
+        outputs[tool] = out
+    measured = latencies(outputs, feeds, repeats, threads)
+    for row in rows:
+        row["latency_ms"] = measured.get(row["tool"])
     return rows
 
 
