@@ -214,14 +214,18 @@ def _lstm_fast(node, xp, x, xw, r, h0, c0, seq, batch, dirs, H, layout):
     ys = xp.empty((seq, dirs, batch, H), dtype=dt)
     z = xp.empty((batch, 4 * H), dtype=dt)
     tmp = xp.empty((batch, H), dtype=dt)
-    one = dt.type(1)
     hs, cs = [], []
+    half = dt.type(0.5)
     for d in range(dirs):
+        # sigmoid(v) = 0.5 * tanh(v / 2) + 0.5: with the i, o, f columns pre-halved one tanh
+        # over all four gates serves the three sigmoids and the cell candidate
         rt = xp.ascontiguousarray(r[d].T)
+        rt[:, :3 * H] *= half
+        xwd = xw[d]
+        xwd[:, :, :3 * H] *= half
         h = h0[d].astype(dt) if h0 is not None else xp.zeros((batch, H), dtype=dt)
         c = c0[d].astype(dt, copy=True) if c0 is not None else xp.zeros((batch, H), dtype=dt)
         reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
-        xwd = xw[d]
         s = z[:, :3 * H]
         g = z[:, 3 * H:]
         i, o, f = z[:, :H], z[:, H:2 * H], z[:, 2 * H:3 * H]
@@ -229,11 +233,9 @@ def _lstm_fast(node, xp, x, xw, r, h0, c0, seq, batch, dirs, H, layout):
             t = seq - 1 - step if reverse else step
             xp.matmul(h, rt, out=z)
             z += xwd[t]
-            xp.negative(s, out=s)
-            xp.exp(s, out=s)
-            s += one
-            xp.reciprocal(s, out=s)
-            xp.tanh(g, out=g)
+            xp.tanh(z, out=z)
+            s *= half
+            s += half
             c *= f
             xp.multiply(i, g, out=tmp)
             c += tmp
