@@ -316,3 +316,16 @@ def test_unstructured_leaves_depthwise_convs_dense_by_default():
     assert "d" not in [row["node"] for row in rec.details["layers"]]
     out, rec = compile_(model, "prune(sparsity=0.5,scope=layer,keep_ends=false,reconstruct=false,depthwise=true)")
     assert (weights(out)["wd"] == 0).sum() == round(0.5 * 13 * 9)
+
+
+def test_computed_bias_blocks_the_producer():
+    model = build("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 3, 4, 4] x) => (float[N, 8, 4, 4] y) {
+        b = Identity(bc)
+        c = Conv<pads = [1, 1, 1, 1]>(x, w, b)
+        r = Relu(c)
+        y = Conv<pads = [1, 1, 1, 1]>(r, w2)
+    }""", {"bc": bias(8), "w": conv_w(8, 3), "w2": conv_w(8, 8)})
+    _, rec = compile_(model, "prune(mode=channels,sparsity=0.5)")
+    assert not rec.modified

@@ -218,7 +218,7 @@ class Analysis:
         group = layer.group
         if group == 1:
             return self.members.append(("sink", layer, layout))
-        if group == layout.total and w.shape[0] == group and w.shape[1] == 1:
+        if group == layout.total and w.shape[0] == group and w.shape[1] == 1 and not computed_bias(layer):
             # depthwise: channel c in -> channel c out; the group count follows the pruning
             self.members.append(("depthwise", layer, layout))
             return self.assign(node.outputs[0], layout)
@@ -331,7 +331,17 @@ def op_rank_changes(an: Analysis, node, t, out_rank) -> bool:
     return r is None or out_rank is None or r != out_rank
 
 
+def computed_bias(layer: Layer) -> bool:
+    inputs = layer.node.inputs
+    return len(inputs) > 2 and inputs[2] is not None and bool(inputs[2].name) and layer.bias is None
+
+
 def producer_ok(layer: Layer) -> bool:
+    """Output channels can be removed: group 1 and no bias computed at run time."""
+    if computed_bias(layer):
+        return False
+    if layer.op == "Gemm" and layer.bias is not None and layer.bias.values.size not in (1, out_channels(layer)):
+        return False  # a full [M, N] C
     return layer.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and layer.group == 1
 
 

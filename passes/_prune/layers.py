@@ -105,12 +105,8 @@ def find_layers(graph: gs.Graph) -> list[Layer]:
             continue
         if node.op == "ConvTranspose" and int(node.attrs.get("group", 1)) != 1:
             continue
-        bias = None
-        if node.op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2:
-            bias = _const(node.inputs[2])
-            if node.inputs[2] is not None and node.inputs[2].name and bias is None:
-                # a computed bias: still prunable, but reconstruction cannot refit it
-                bias = None
+        # a bias computed at run time stays None here: prunable, but never refitted
+        bias = _const(node.inputs[2]) if node.op != "MatMul" and len(node.inputs) > 2 else None
         layers.append(Layer(node, w, bias))
     return layers
 
