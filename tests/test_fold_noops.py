@@ -314,3 +314,24 @@ def test_transpose_of_unit_dims_becomes_a_reshape_and_merges():
     assert result.stats["transposes_as_reshapes"] == 1 and result.stats["reshapes_merged"] == 1
     assert_same_outputs(model, out, sizes=(2, 3))
     assert_idempotent(out)
+
+
+def test_rules_run_inside_scan_bodies():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2] init, float[T, 2] xs) => (float[2] last, float[T, 2] ys) {
+      last, ys = Scan(init, xs) <num_scan_inputs = 1, body = b (float[2] acc, float[2] xi) => (float[2] acc_out, float[2] yi) {
+          k = Constant <value = float[2] {0.5, 2.0}> ()
+          k2 = Add(k, k)
+          d = Dropout(xi)
+          acc_out = Add(acc, d)
+          yi = Mul(acc_out, k2)
+      }>
+    }
+    """)
+    out, result = fold(model)
+    body = [a.g for a in out.graph.node[0].attribute if a.name == "body"][0]
+    assert [n.op_type for n in body.node] == ["Add", "Mul"]
+    assert result.stats["constants_folded"] == 1 and result.stats["dropout_removed"] == 1
+    assert_same_outputs(model, out, sizes=(2, 4))
+    assert_idempotent(out)
