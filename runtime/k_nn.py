@@ -182,6 +182,8 @@ def apply_post(xp, node, y):
     if post[0] == "relu":
         return xp.maximum(y, y.dtype.type(0), out=y)
     lo, hi = post[1], post[2]
+    if lo is not None and hi is not None:  # one pass, not two
+        return xp.clip(y, y.dtype.type(lo), y.dtype.type(hi), out=y)
     if lo is not None:
         xp.maximum(y, y.dtype.type(lo), out=y)
     if hi is not None:

@@ -8,7 +8,6 @@ keyword arguments CuPy's version of a function lacks, and host syncs; those need
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
