@@ -161,7 +161,8 @@ class Prune(Pass):
         if self.mode == "nm":
             return [masks.nm_mask(s, self.n, self.m) for s in scores]
         if self.scope == "layer":
-            return [masks.layer_mask(s, self.overrides.get(layer.name, self.sparsity)) for layer, s in zip(layers, scores)]
+            return [masks.layer_mask(s, self.overrides.get(layer.name, self.sparsity))
+                    for layer, s in zip(layers, scores)]
         free = [i for i, layer in enumerate(layers) if layer.name not in self.overrides]
         out: list[np.ndarray | None] = [None] * len(layers)
         for i, m in zip(free, masks.global_masks([scores[i] for i in free], self.sparsity)):

@@ -134,7 +134,8 @@ class Analysis:
             if ga is not None and gb is not None:
                 self.union(ga, gb)
             elif ga is not None or gb is not None:
-                self.invalidate(Layout(0, ((ga if ga is not None else gb, 1, 1),)), f"meets fixed channels at '{t.name}'")
+                lone = ga if ga is not None else gb
+                self.invalidate(Layout(0, ((lone, 1, 1),)), f"meets fixed channels at '{t.name}'")
 
     def positive_axis(self, t, layout: Layout) -> int | None:
         r = self.rank(t)
@@ -435,8 +436,6 @@ def activation_scores(an: Analysis, p, ctx, original) -> dict[int, np.ndarray]:
         layer, layout = m[1], m[2]
         w = np.moveaxis(layer.weight.values.astype(np.float64), in_axis(layer), 0)
         col = (w.reshape(w.shape[0], -1) ** 2).sum(1)
-        if layer.op == "Conv" and layer.group == 1:
-            col = col  # [C_in]: one entry per input channel
         contrib = _norm(col * energy[layer.input.name])
         for root, v in layout_channels(an, layout, contrib).items():
             scores[root] = scores.get(root, 0) + v
