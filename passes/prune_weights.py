@@ -277,7 +277,7 @@ def levels(graph, layers: list[Layer]) -> list[list[Layer]]:
     return [grouped[k] for k in sorted(grouped)]
 
 
-MIN_ROWS_PER_UNKNOWN = 2  # calibration rows (samples x positions) per refitted weight of an output
+MIN_ROWS_PER_UNKNOWN = 1  # calibration rows (samples x positions) per refitted weight of an output
 
 
 def reconstruct_layers(p: Prune, graph, ctx, original, all_layers, changed, masks_by_layer,
