@@ -29,7 +29,10 @@ Rewrite cases (statistics in parentheses):
   that ONNX Runtime constant-folds at load time: smaller files, same speed
   (``weights_sparse_stored``). Put it in the last pass that needs the weights as
   constants (a later quantize sees the rebuilt weights as computed tensors).
-A second run with the same options finds nothing new to prune and reports modified=False.
+Unstructured and N:M pruning are idempotent (a second run finds nothing new to prune and
+reports modified=False); channel pruning removes a fraction of the channels that are
+left, so a second run shrinks the model again. Run ``fold`` first: weights must be
+initializers (not Constant nodes or computed tensors) to be pruned.
 """
 
 from __future__ import annotations
