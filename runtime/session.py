@@ -21,6 +21,12 @@ from opc.runtime.arena import Block, check_offsets, plan_offsets
 from opc.runtime.program import compile_graph, opset_map
 from opc.runtime.xp import array_module, data_ptr, is_numpy, to_host
 
+
+def workspace_bytes(node, input_shapes, input_dtypes) -> int:
+    from opc.runtime import workspace_bytes as ws
+
+    return ws(node, input_shapes, input_dtypes)
+
 _TYPE_NAMES = {np.dtype(v): k for k, v in {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
@@ -45,7 +51,7 @@ class Layout:
     arena: object
     outs: list = field(default_factory=list)  # per step: list of views or None
     ws: list = field(default_factory=list)  # per step: uint8 view or None
-    source: str = "runtime"  # "model" when the model's memory plan was used
+    source: str = "runtime"  # "model": the stored plan; "planned": opc.memory on the fly; "runtime": own
     blocks: list = field(default_factory=list)
     static: dict = field(default_factory=dict)  # slot -> value computed once (shape arithmetic)
     run_steps: list = field(default_factory=list)  # indices of the steps a run executes
@@ -69,10 +75,13 @@ class Session:
     """``Session(model_or_path, backend="auto"|"numpy"|"cupy")``; ``run(output_names, feeds)``."""
 
     def __init__(self, model_or_path, backend: str = "auto", *, threads: int | None = None,
-                 use_arena: bool = True, use_model_plan: bool = True):
+                 use_arena: bool = True, use_model_plan: bool = True, plan_on_the_fly: bool = True):
         """``threads`` limits the BLAS threads during ``run`` (None: leave the library's setting);
-        ``use_arena=False`` runs every time with freshly allocated results; ``use_model_plan=False``
-        ignores a memory plan stored in the model."""
+        ``use_arena=False`` runs every time with freshly allocated results. The arena layout is
+        the memory plan stored in the model when it matches the graph and fits this input
+        signature; else (``plan_on_the_fly``) ``opc.memory.plan_model`` plans the signature now;
+        else (or if that plan does not fit) the session's own greedy planner places the tensors.
+        ``use_model_plan=False`` goes straight to the own planner."""
         self.xp = array_module(backend)
         self.threads = threads
         self.backend = "numpy" if is_numpy(self.xp) else "cupy"
@@ -101,6 +110,8 @@ class Session:
         self._overridable = [i.name for i in model.graph.input if i.name in inits]
         self.use_arena = use_arena
         self.use_model_plan = use_model_plan
+        self.plan_on_the_fly = plan_on_the_fly
+        self._plan_source = "runtime"
         self._layouts: dict[tuple, Layout | None] = {}
         self._out_index = {n: i for i, n in enumerate(self.program.output_names)}
         self._input_slots = set(self.program.inputs)
@@ -309,11 +320,13 @@ class Session:
                 ws_blocks.append(Block(("ws", i), int(nb), st.index, st.index))
         blocks = list(planned.values()) + ws_blocks
         source = "runtime"
-        size = self._model_plan(blocks) if self.use_model_plan else None
+        size = None
+        if self.use_model_plan:
+            size = self._model_plan(blocks, {n: tuple(v.shape) for n, v in zip(p.input_names, values)})
         if size is None:
             size = plan_offsets(blocks)
         else:
-            source = "model"
+            source = self._plan_source
         arena = self.xp.empty(max(size, 1), dtype=self.xp.uint8)
         layout = Layout(size, arena, source=source, blocks=blocks)
         layout.outs = [None] * len(steps)
@@ -333,7 +346,7 @@ class Session:
                 layout.outs[i] = views
         return layout
 
-    def _model_plan(self, blocks) -> int | None:
+    def _model_plan(self, blocks, shapes) -> int | None:
         """Offsets from the model's stored memory plan (``opc.memory``) when it fits this run:
         same node order, a slot at least as large as every tensor and workspace needs, and no
         two tensors alive together overlapping (outputs written in place over their input,
@@ -344,6 +357,11 @@ class Session:
             return None
         try:
             plan = memory.load_plan(self._model)
+            self._plan_source = "model"
+            if plan is None and self.plan_on_the_fly:
+                # no stored plan (or a stale one): plan this input signature now
+                plan = memory.plan_model(self._model, shapes, workspace_bytes, time_limit=0.1)
+                self._plan_source = "planned"
         except Exception:
             plan = None
         if plan is None or list(plan.order) != list(range(len(self._model.graph.node))):

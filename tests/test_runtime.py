@@ -190,14 +190,17 @@ def test_stored_memory_plan_is_used():
     lay = sess.layout()
     assert lay.source == "model"
     assert lay.arena_size == plan.arena_size
-    # a plan made for a smaller batch does not fit a bigger one: planned here instead
+    # an edited graph makes the stored plan stale: the new signature is planned on the fly
     big = {"x": np.concatenate([feeds["x"]] * 3)}
-    model2 = model
-    sess2 = rt.Session(model2, backend="numpy")
-    model2.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
-    sess2 = rt.Session(model2, backend="numpy")
-    sess2.run(None, big)
-    assert sess2.layout().source == "runtime"
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    sess2 = _check(model, big)
+    assert sess2.layout().source == "planned"
+    assert sess2.layout().arena_size == memory.plan_model(model, {"x": big["x"].shape}, rt.workspace_bytes).arena_size
+    sess3 = rt.Session(model, backend="numpy", plan_on_the_fly=False)
+    sess3.run(None, big)
+    assert sess3.layout().source == "runtime"
+    # the own planner knows the Conv+Relu fusion (no conv output tensor): only the conv scratch
+    assert sess3.layout().arena_size == sum(b.size for b in sess3.layout().blocks) > 0
 
 
 def test_unsupported_op_fails_at_load_naming_it():
