@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from opc.errors import DataError
+from opc.errors import DataError, OpcError
 from opc.runtime.arena import Block, check_offsets, plan_offsets
 from opc.runtime.program import compile_graph, opset_map
 from opc.runtime.xp import array_module, data_ptr, is_numpy, to_host
@@ -205,7 +205,12 @@ class Session:
         for i in (() if layout else range(len(p.steps))):
             step = p.steps[i]
             ins = [vals[j] if j >= 0 else None for j in step.ins]
-            res = step.fn(ins, None, None)
+            try:
+                res = step.fn(ins, None, None)
+            except OpcError:
+                raise
+            except Exception as exc:
+                raise _kernel_error(step, exc) from exc
             if not isinstance(res, (list, tuple)):
                 res = (res,)
             for k, (s, r) in enumerate(zip(step.outs, res)):
@@ -249,26 +254,32 @@ class Session:
         nd = xp.ndarray
         lo = data_ptr(layout.arena)
         hi = lo + layout.arena.size
-        for fn, ins_idx, outs_idx, views, ws, alias in layout.plan:
-            res = fn([vals[j] if j >= 0 else None for j in ins_idx], views, ws)
-            if type(res) is not list and type(res) is not tuple:
-                res = (res,)
-            for k, s in enumerate(outs_idx):
-                if s < 0:
-                    continue
-                r = res[k]
-                v = views[k] if views is not None else None
-                if r is v:
+        n = -1
+        try:
+            for n, (fn, ins_idx, outs_idx, views, ws, alias) in enumerate(layout.plan):
+                res = fn([vals[j] if j >= 0 else None for j in ins_idx], views, ws)
+                if type(res) is not list and type(res) is not tuple:
+                    res = (res,)
+                for k, s in enumerate(outs_idx):
+                    if s < 0:
+                        continue
+                    r = res[k]
+                    v = views[k] if views is not None else None
+                    if r is v:
+                        vals[s] = r
+                        continue
+                    if not isinstance(r, nd):  # a NumPy scalar from a full reduction
+                        r = xp.asarray(r)
+                    if v is not None and r.shape == v.shape and r.dtype == v.dtype:
+                        xp.copyto(v, r)  # a kernel that cannot write in place: keep the slot in the arena
+                        r = v
+                    elif not alias and r.size and lo <= data_ptr(r) < hi:
+                        r = r.copy()  # e.g. an If passing an arena tensor through: its slot may be reused
                     vals[s] = r
-                    continue
-                if not isinstance(r, nd):  # a NumPy scalar from a full reduction
-                    r = xp.asarray(r)
-                if v is not None and r.shape == v.shape and r.dtype == v.dtype:
-                    xp.copyto(v, r)  # a kernel that cannot write in place: keep the slot in the arena
-                    r = v
-                elif not alias and r.size and lo <= data_ptr(r) < hi:
-                    r = r.copy()  # e.g. an If passing an arena tensor through: its slot may be reused
-                vals[s] = r
+        except OpcError:
+            raise
+        except Exception as exc:
+            raise _kernel_error(self.program.steps[layout.run_steps[n]], exc) from exc
 
     def _make_layout(self, values, record, static) -> Layout | None:
         """Plan the arena from one traced run (shapes, dtypes, live ranges in node positions)."""
@@ -424,6 +435,11 @@ def _shape_only(step, known) -> bool:
     if op in _SHAPE_OPS:
         return True
     return bool(step.ins) and all(j < 0 or j in known for j in step.ins)
+
+
+def _kernel_error(step, exc) -> OpcError:
+    text = str(exc).strip().splitlines()
+    return OpcError(f"{step.node.where()} failed: {type(exc).__name__}: {text[0] if text else ''}")
 
 
 class _blas_threads:

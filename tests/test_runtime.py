@@ -275,3 +275,27 @@ def test_maxpool_without_padded_copy_matches_ort():
         g (float[2, 3, 11, 10] x) => (float[2, 3, a, b] y) {{ y = MaxPool <{attrs}> (x) }}
         """)
         _check(model, {"x": np.random.default_rng(0).standard_normal((2, 3, 11, 10)).astype(np.float32)})
+
+
+def test_kernel_failure_is_one_line_naming_the_node():
+    from opc.errors import OpcError
+
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x, int64[2] s) => (float[a, b] y) { y = Reshape (x, s) }
+    """)
+    sess = rt.Session(model, backend="numpy")
+    x = np.ones((2, 4), np.float32)
+    assert sess.run(None, {"x": x, "s": np.array([4, 2])})[0].shape == (4, 2)
+    for _ in range(2):  # first run of a signature, then the arena loop
+        with pytest.raises(OpcError, match=r"^node 'y' \(Reshape\) failed: ValueError: cannot reshape"):
+            sess.run(None, {"x": x, "s": np.array([3, 2])})
+    # a value-dependent shape on a known signature still runs (outside the arena)
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 1] x, int64[2] s) => (float[a, b] y) { e = Expand (x, s)  y = Relu (e) }
+    """)
+    sess = rt.Session(model, backend="numpy")
+    x = np.ones((2, 1), np.float32)
+    for cols in (3, 5, 3):
+        assert sess.run(None, {"x": x, "s": np.array([2, cols])})[0].shape == (2, cols)
