@@ -185,7 +185,9 @@ def main(argv=None) -> None:
     settings = {"trials": args.trials, "max_drop": args.max_drop, "objective": args.objective,
                 "repeats": args.repeats, "threads": args.threads, "workers": args.workers,
                 "latency_batch": 1, "calib_samples": args.calib_samples}
-    notes = ["latency columns: medians of 7 interleaved rounds measured at the end, in one process",
+    notes = ["latency columns: CPU time of the single ONNX Runtime thread per run (equal to wall time on an "
+             "idle core; other jobs on this shared machine do not inflate it), medians of 7 interleaved rounds "
+             "measured at the end, in one process",
              "tuned_vs_uniform < 1 means the tuned model is faster than the best uniform configuration "
              "that meets the same budget"]
     report("tune", rows, title="opc tune vs the best uniform configuration", settings=settings, notes=notes,
