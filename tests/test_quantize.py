@@ -365,7 +365,7 @@ def test_bias_correction_removes_the_mean_shift():
     assert np.abs(err_on).mean() < np.abs(err_off).mean()
 
 
-def test_weight_only_int8_and_int4():
+def test_weight_only_int8_and_int4(tmp_path):
     rng = np.random.default_rng(7)
     m = build("""
     g (float[N, 64] x) => (float[N, 16] y) {
@@ -384,6 +384,7 @@ def test_weight_only_int8_and_int4():
     assert all(any(a.name == "block_size" and a.i == 16 for a in n.attribute) for n in dq)
     int4 = [t for t in q4.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     assert len(int4) >= 2
+    assert optimized_ops(q4, tmp_path)["MatMulNBits"] >= 1  # ORT fuses DQ(int4 blocks) -> MatMul
     assert opc.ort.compare(ref, make_session(q4).run(None, feeds)[0])["cosine"] > 0.98
     # the int4 values are round(w / block scale) on 16-row blocks of w1 (K axis 0)
     dq1 = next(n for n in dq if n.output[0] == node_by_output(q4, "h").input[1])
