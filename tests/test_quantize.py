@@ -269,6 +269,25 @@ def test_opset11_per_channel_gives_a_valid_model():
     make_session(q).run(None, {"x": np.zeros((1, 3, 8, 8), np.float32)})
 
 
+def test_opset11_without_conversion_falls_back_to_per_tensor(monkeypatch):
+    from onnx import version_converter
+
+    def refuse(model, version):
+        raise RuntimeError("no adapter for this model")
+
+    monkeypatch.setattr(version_converter, "convert_version", refuse)
+    m = cnn()
+    m.opset_import[0].version = 11
+    q, report = quantize(m)
+    assert report.passes[0].stats["quantized_nodes"] == 3 and "opset_upgraded_to" not in report.passes[0].stats
+    assert any("per tensor" in w for w in report.warnings)
+    assert q.opset_import[0].version == 11
+    onnx.checker.check_model(q, full_check=True)
+    dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
+    assert not any(a.name == "axis" for n in dq for a in n.attribute)  # no per-axis DQ before opset 13
+    make_session(q).run(None, {"x": np.zeros((1, 3, 8, 8), np.float32)})
+
+
 def test_old_light_model_ir3_fixed_batch_constant_of_shape_weights(tmp_path):
     # ONNX's light squeezenet: IR 3 (initializers listed as inputs), opset 9, batch fixed
     # at 1, weights built by ConstantOfShape nodes
