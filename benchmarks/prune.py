@@ -58,8 +58,12 @@ CONFIGS = {
     "efficientnet-lite0": [
         ("opc channels 30% magnitude", "prune(mode=channels,sparsity=0.3,scope=layer,reconstruct=false)"),
         ("opc channels 30% reconstruct", "prune(mode=channels,sparsity=0.3,scope=layer,batch=8)"),
+        ("opc channels 10% magnitude", "prune(mode=channels,sparsity=0.1,scope=layer,reconstruct=false)"),
+        ("opc channels 10% reconstruct", "prune(mode=channels,sparsity=0.1,scope=layer,batch=8)"),
         ("opc magnitude 50%", "prune(sparsity=0.5,reconstruct=false)"),
         ("opc reconstruct 50%", "prune(sparsity=0.5,batch=8)"),
+        ("opc magnitude 30% per-layer", "prune(sparsity=0.3,scope=layer,reconstruct=false)"),
+        ("opc reconstruct 30% per-layer", "prune(sparsity=0.3,scope=layer,batch=8)"),
     ],
     "minilm-l6": [
         ("opc magnitude 50%", "prune(sparsity=0.5,reconstruct=false)"),
@@ -262,7 +266,8 @@ def main(argv=None) -> None:
         rows += bench_model(name)
     columns = ["model", "method", "metric", "value", "delta", "cos_fp32", "params", "params_x", "nonzero_x", "file_x",
                "b1_fp32_ms", "b1_ms", "b1_x", "b8_fp32_ms", "b8_ms", "b8_x", "compile_s", "loads", "error"]
-    common.report("prune", rows, columns=columns, title="prune: accuracy, size and ONNX Runtime latency",
+    name = "prune" if models == DEFAULT_MODELS else "prune-" + "-".join(models)
+    common.report(name, rows, columns=columns, title="prune: accuracy, size and ONNX Runtime latency",
                   threads=ARGS.threads, write_json=not ARGS.no_json,
                   settings={"samples": ARGS.samples, "repeats": ARGS.repeats, "fold_first": ARGS.fold},
                   notes=["value: top1 = top-1 vs labels; agree = top-1 agreement with fp32 (seeded weights); "
