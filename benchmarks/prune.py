@@ -68,6 +68,8 @@ CONFIGS = {
     "minilm-l6": [
         ("opc magnitude 50%", "prune(sparsity=0.5,reconstruct=false)"),
         ("opc reconstruct 50%", "prune(sparsity=0.5)"),
+        ("opc magnitude 50% per-layer", "prune(sparsity=0.5,scope=layer,reconstruct=false)"),
+        ("opc reconstruct 50% per-layer", "prune(sparsity=0.5,scope=layer)"),
         ("opc channels 30% reconstruct", "prune(mode=channels,sparsity=0.3,scope=layer)"),
         ("onnxsim magnitude 50%", ("magnitude", 0.5)),
         ("onnxsim sparsegpt 50%", ("sparsegpt", 0.5)),
