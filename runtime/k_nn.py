@@ -17,6 +17,8 @@ import numpy as np
 from opc.runtime.registry import kernel, out_if
 
 CHUNK_BYTES = 8 << 20  # target size of one batch chunk's im2col buffer
+GATHER_MAX_L = 1024  # depthwise: output rows (Ho * Wq) up to this gather taps for a matmul
+COLS_BLOCK_BYTES = 1 << 20  # depthwise gather block (stays in cache)
 
 
 # ---------------------------------------------------------------- geometry
@@ -82,15 +84,25 @@ def _conv_plan(node, x_shape, w_shape, itemsize):
     padded = any(pads)
     prodO = int(np.prod(outs))
     if g == C and M == C and g > 1:
-        if nsp == 2 and strides == [1, 1]:
+        if nsp == 2:
+            sh, sw = strides
             Hp, Wp = x_shape[2] + pads[0] + pads[2], x_shape[3] + pads[1] + pads[3]
-            R = Hp * Wp + (w_shape[3] - 1) * dil[1]
-            L = outs[0] * Wp
-            per_img = C * (R + 2 * L) * itemsize
+            Hq, Wq = -(-Hp // sh), -(-Wp // sw)  # one phase image per (row, column) offset mod stride
+            P = sh * sw
+            R = Hq * Wq + ((w_shape[3] - 1) * dil[1]) // sw
+            L = outs[0] * Wq
+            full = 0 if P == 1 else C * sh * Hq * sw * Wq
+            per_img = (C * (P * R + 2 * L) + full) * itemsize
             chunk = max(1, min(N, CHUNK_BYTES // max(1, per_img)))
+            taps = int(np.prod(w_shape[2:]))
+            # small images: gather the taps of a cache-sized block of channels and let one
+            # batched (1 x taps) @ (taps x L) matmul do the multiply-adds (fewer passes)
+            rb = max(1, min(chunk * C, COLS_BLOCK_BYTES // max(1, taps * L * itemsize))) \
+                if L <= GATHER_MAX_L else 0
             return dict(kind="depthwise_wide", strides=strides, dil=dil, pads=pads, outs=outs, Hp=Hp, Wp=Wp,
-                        R=R, L=L, chunk=chunk,
-                        ws=_align(chunk * C * R * itemsize) + 2 * _align(chunk * C * L * itemsize))
+                        Hq=Hq, Wq=Wq, R=R, L=L, chunk=chunk, rb=rb,
+                        ws=_align(chunk * C * P * R * itemsize) + 2 * _align(chunk * C * L * itemsize)
+                        + _align(chunk * full * itemsize) + _align(rb * taps * L * itemsize))
         padn = N * C * int(np.prod([x_shape[2 + i] + pads[i] + pads[i + nsp] for i in range(nsp)])) if padded else 0
         return dict(kind="depthwise", strides=strides, dil=dil, pads=pads, outs=outs,
                     ws=_align(padn * itemsize) + _align(N * C * prodO * itemsize))
@@ -137,6 +149,7 @@ def _pad_into(xp, dst, x, pads, value=0):
 @kernel("Conv", workspace=conv_workspace)
 def _conv(node, xp):
     cache = {}
+    wcache = {}
 
     def run(ins, outs, ws):
         x, w = ins[0], ins[1]
@@ -165,7 +178,7 @@ def _conv(node, xp):
         if kind == "depthwise":
             y = _depthwise(xp, x, w, b, y, p, ws)
         elif kind == "depthwise_wide":
-            return _depthwise_wide(xp, node, x, w, b, y, p, ws)
+            return _depthwise_wide(xp, node, x, w, b, y, p, ws, wcache)
         elif kind == "wide":
             return _conv_wide(xp, node, x, w, b, y, p, ws)
         else:
@@ -191,37 +204,80 @@ def apply_post(xp, node, y):
     return y
 
 
-def _depthwise_wide(xp, node, x, w, b, y, p, ws):
-    """Stride-1 depthwise conv on the padded width: each channel row is contiguous, so every
-    kernel tap is a (N*C, Ho*Wp) multiply-add of a shifted slice; junk columns dropped at the end."""
+def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
+    """2-D depthwise conv without im2col. The padded image is split into its stride phases
+    (phase (a, b) holds the pixels at rows a::sh, columns b::sw; stride 1: one phase, the padded
+    image itself), each flattened per channel with its own width Wq. Kernel tap (i, j) then reads
+    phase (i*dh % sh, j*dw % sw) at the contiguous offset (i*dh // sh) * Wq + j*dw // sw, so every
+    tap is one (rows, Ho*Wq) multiply-add of a shifted slice with a per-row weight column; the
+    Wq - Wo junk columns are dropped while adding the bias."""
     N, C = x.shape[:2]
     kh, kw = w.shape[2:]
-    Hp, Wp, R, L, chunk = p["Hp"], p["Wp"], p["R"], p["L"], p["chunk"]
+    sh, sw = p["strides"]
+    Hp, Wp, Hq, Wq, R, L, chunk = p["Hp"], p["Wp"], p["Hq"], p["Wq"], p["R"], p["L"], p["chunk"]
     dh, dw = p["dil"]
     Ho, Wo = p["outs"]
     pads = p["pads"]
-    src_b, off = _take(ws, 0, (chunk * C, R), x.dtype, xp)
+    P = sh * sw
+    src_b, off = _take(ws, 0, (P, chunk * C, R), x.dtype, xp)
     acc_b, off = _take(ws, off, (chunk * C, L), x.dtype, xp)
     tmp_b, off = _take(ws, off, (chunk * C, L), x.dtype, xp)
-    wt_b = xp.ascontiguousarray(xp.broadcast_to(w.reshape(1, C, kh * kw), (chunk, C, kh * kw))
-                                .reshape(chunk * C, kh * kw))
+    if P > 1:
+        full_b, off = _take(ws, off, (chunk, C, sh * Hq, sw * Wq), x.dtype, xp)
+    rb = p["rb"]
+    if rb:
+        cols_b, off = _take(ws, off, (rb, kh * kw, L), x.dtype, xp)
+    key = (chunk, id(w), None if b is None else id(b))
+    hit = cache.get(key)
+    if hit is None or hit[0] is not w or hit[1] is not b:
+        # per-row weights and bias for a chunk of images, built once per weight array
+        wt = xp.ascontiguousarray(xp.broadcast_to(w.reshape(1, C, kh * kw), (chunk, C, kh * kw))
+                                  .reshape(chunk * C, kh * kw))
+        bias = None if b is None else xp.ascontiguousarray(
+            xp.broadcast_to(b.reshape(1, C, 1, 1), (chunk, C, 1, 1)))
+        cache.clear()
+        hit = cache[key] = (w, b, wt, bias)
+    wt_b, bias_b = hit[2], hit[3]
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            ph = (i * dh % sh) * sw + j * dw % sw
+            taps.append((i * kw + j, ph, (i * dh // sh) * Wq + j * dw // sw))
+    tail = R - Hq * Wq
     for n0 in range(0, N, chunk):
         nb = min(chunk, N - n0)
-        src, acc, tmp, wt = src_b[:nb * C], acc_b[:nb * C], tmp_b[:nb * C], wt_b[:nb * C]
-        _pad_into(xp, src[:, :Hp * Wp].reshape(nb, C, Hp, Wp), x[n0:n0 + nb], [pads[0], pads[1], pads[2], pads[3]])
-        src[:, Hp * Wp:] = 0
-        for k in range(kh * kw):
-            i, j = divmod(k, kw)
-            o = i * dh * Wp + j * dw
-            if k == 0:
-                xp.multiply(src[:, o:o + L], wt[:, 0:1], out=acc)
+        rows = nb * C
+        src, acc, tmp, wt = src_b[:, :rows], acc_b[:rows], tmp_b[:rows], wt_b[:rows]
+        pd = [pads[0], pads[1], pads[2], pads[3]]
+        if P == 1:
+            _pad_into(xp, src[0, :, :Hq * Wq].reshape(nb, C, Hq, Wq), x[n0:n0 + nb], pd)
+        else:
+            full = full_b[:nb]
+            pd[2] += sh * Hq - Hp  # round the padded size up to whole phases (zeros)
+            pd[3] += sw * Wq - Wp
+            _pad_into(xp, full, x[n0:n0 + nb], pd)
+            for a in range(sh):
+                for c in range(sw):
+                    src[a * sw + c, :, :Hq * Wq].reshape(nb, C, Hq, Wq)[...] = full[:, :, a::sh, c::sw]
+        if tail:
+            src[:, :, Hq * Wq:] = 0
+        if rb:
+            for r0 in range(0, rows, rb):
+                r1 = min(rows, r0 + rb)
+                cols = cols_b[:r1 - r0]
+                for k, ph, o in taps:
+                    cols[:, k] = src[ph, r0:r1, o:o + L]
+                xp.matmul(wt[r0:r1].reshape(r1 - r0, 1, kh * kw), cols, out=acc[r0:r1].reshape(r1 - r0, 1, L))
+        for t, (k, ph, o) in enumerate(() if rb else taps):
+            if t == 0:
+                xp.multiply(src[ph, :, o:o + L], wt[:, k:k + 1], out=acc)
             else:
-                xp.multiply(src[:, o:o + L], wt[:, k:k + 1], out=tmp)
+                xp.multiply(src[ph, :, o:o + L], wt[:, k:k + 1], out=tmp)
                 acc += tmp
-        a4 = acc.reshape(nb, C, Ho, Wp)[:, :, :, :Wo]
+        a4 = acc.reshape(nb, C, Ho, Wq)[:, :, :, :Wo]
         dst = y[n0:n0 + nb]
-        if b is not None:
-            xp.add(a4, b.reshape(1, C, 1, 1), out=dst)
+        if bias_b is not None:
+            xp.add(a4, bias_b[:nb], out=dst)
         else:
             dst[...] = a4
         apply_post(xp, node, dst)

@@ -86,6 +86,10 @@ CONV_CASES = [
     ((2, 8, 10, 10), (8, 8, 2, 2), dict(auto_pad="SAME_LOWER")),
     ((2, 4, 20), (6, 4, 5), dict(pads=[2, 2])),
     ((1, 4, 5, 6, 7), (6, 4, 3, 3, 3), dict(pads=[1, 1, 1, 1, 1, 1])),
+    # depthwise through stride phases: stride != dilation, uneven pads, 5x5
+    ((2, 12, 10, 11), (12, 1, 3, 5), dict(group=12, pads=[1, 2, 0, 1], strides=[2, 3], dilations=[2, 1])),
+    ((1, 6, 12, 12), (6, 1, 5, 5), dict(group=6, pads=[2, 2, 2, 2], strides=[2, 2])),
+    ((2, 4, 40, 40), (4, 1, 3, 3), dict(group=4, pads=[1, 1, 1, 1])),  # large image: per-tap multiply-adds
 ]
 
 
@@ -256,7 +260,7 @@ def test_ops_without_onnx_node_cases_match_ort():
     _check(model, {"x": np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)})
 
 
-@pytest.mark.parametrize("x_shape,w_shape,attrs", [CONV_CASES[3], CONV_CASES[7], CONV_CASES[9]])
+@pytest.mark.parametrize("x_shape,w_shape,attrs", [CONV_CASES[3], CONV_CASES[7], CONV_CASES[9], CONV_CASES[-3], CONV_CASES[-1]])
 def test_conv_batch_chunks(monkeypatch, x_shape, w_shape, attrs):
     """Batches are gathered a chunk at a time to bound the scratch memory: one image per chunk here."""
     from opc.runtime import k_nn
