@@ -219,6 +219,13 @@ def measure_latency(session, feeds: dict, repeats: int, warmup: int, clock=time.
     return float(q[1]), float(q[2] - q[0])
 
 
+MIN_ROUND_MS = 20.0  # a timed round lasts at least this long (tiny models: many runs per round)
+
+
+def _reps(wanted: int, run_ms: float) -> int:
+    return max(1, wanted, math.ceil(MIN_ROUND_MS / max(run_ms, 1e-3)))
+
+
 def measure_relative(session, reference, feeds: dict, repeats: int, warmup: int,
                      rounds: int = 5, clock=time.perf_counter) -> tuple[float, float, float]:
     """Time ``session`` and the ``reference`` session (the float model) in alternating rounds.
@@ -229,10 +236,11 @@ def measure_relative(session, reference, feeds: dict, repeats: int, warmup: int,
     """
     sessions = [(session, [o.name for o in session.get_outputs()]),
                 (reference, [o.name for o in reference.get_outputs()])]
+    t0 = time.perf_counter()
     for sess, names in sessions:
-        for _ in range(warmup):
+        for _ in range(max(1, warmup)):
             sess.run(names, feeds)
-    reps = max(1, repeats // rounds)
+    reps = _reps(repeats // rounds, (time.perf_counter() - t0) * 1000 / (2 * max(1, warmup)))
     mine, ratios = [], []
     for i in range(rounds):
         medians = {}
@@ -762,10 +770,15 @@ def _retime(evaluator: "Evaluator", models: dict[str, onnx.ModelProto], rounds: 
     """Interleaved serial timing: each round times every model once; medians across rounds."""
     sessions = {k: evaluator.session(m) for k, m in models.items()}
     per = {k: [] for k in models}
-    reps = max(3, evaluator.task.repeats // rounds)
+    reps = {}
+    for k, sess in sessions.items():
+        t0 = time.perf_counter()
+        for _ in range(3):
+            sess.run(None, evaluator.latency_feeds)
+        reps[k] = _reps(max(3, evaluator.task.repeats // rounds), (time.perf_counter() - t0) * 1000 / 3)
     for _ in range(rounds):
         for k, sess in sessions.items():
-            per[k].append(measure_latency(sess, evaluator.latency_feeds, reps, 1,
+            per[k].append(measure_latency(sess, evaluator.latency_feeds, reps[k], 1,
                                           clock=latency_clock(evaluator.task.threads))[0])
     return {k: statistics.median(v) for k, v in per.items()}
 
