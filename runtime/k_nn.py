@@ -11,10 +11,11 @@ convs are kh*kw multiply-adds. Scratch lives in the planner's workspace when one
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
-from opc.runtime.registry import kernel, out_if
+from opc.runtime.registry import const_input, kernel, out_if
 
 CHUNK_BYTES = 8 << 20  # target size of one batch chunk's im2col buffer
 GATHER_MAX_L = 1024  # depthwise: output rows (Ho * Wq) up to this gather taps for a matmul
@@ -62,7 +63,7 @@ def _window(k, d, s, o):
 
 def _take(ws, offset, shape, dtype, xp):
     """A view of ``shape`` from workspace bytes at ``offset`` (or a fresh array)."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    nbytes = int(math.prod(shape)) * np.dtype(dtype).itemsize
     if ws is not None and offset + nbytes <= ws.size:
         return ws[offset:offset + nbytes].view(dtype).reshape(shape), offset + _align(nbytes)
     return xp.empty(shape, dtype=dtype), offset
@@ -82,7 +83,7 @@ def _conv_plan(node, x_shape, w_shape, itemsize):
     strides, dil, pads, outs = _geom(node, x_shape, K)
     nsp = len(K)
     padded = any(pads)
-    prodO = int(np.prod(outs))
+    prodO = int(math.prod(outs))
     if g == C and M == C and g > 1:
         if nsp == 2:
             sh, sw = strides
@@ -94,7 +95,7 @@ def _conv_plan(node, x_shape, w_shape, itemsize):
             full = 0 if P == 1 else C * sh * Hq * sw * Wq
             per_img = (C * (P * R + 2 * L) + full) * itemsize
             chunk = max(1, min(N, CHUNK_BYTES // max(1, per_img)))
-            taps = int(np.prod(w_shape[2:]))
+            taps = int(math.prod(w_shape[2:]))
             # small images: gather the taps of a cache-sized block of channels and let one
             # batched (1 x taps) @ (taps x L) matmul do the multiply-adds (fewer passes)
             rb = max(1, min(chunk * C, COLS_BLOCK_BYTES // max(1, taps * L * itemsize))) \
@@ -103,14 +104,14 @@ def _conv_plan(node, x_shape, w_shape, itemsize):
                         Hq=Hq, Wq=Wq, R=R, L=L, chunk=chunk, rb=rb,
                         ws=_align(chunk * C * P * R * itemsize) + 2 * _align(chunk * C * L * itemsize)
                         + _align(chunk * full * itemsize) + _align(rb * taps * L * itemsize))
-        padn = N * C * int(np.prod([x_shape[2 + i] + pads[i] + pads[i + nsp] for i in range(nsp)])) if padded else 0
+        padn = N * C * int(math.prod([x_shape[2 + i] + pads[i] + pads[i + nsp] for i in range(nsp)])) if padded else 0
         return dict(kind="depthwise", strides=strides, dil=dil, pads=pads, outs=outs,
                     ws=_align(padn * itemsize) + _align(N * C * prodO * itemsize))
     if all(k == 1 for k in K) and not padded and g == 1:
         sub = 0 if all(s == 1 for s in strides) else N * C * prodO
         return dict(kind="gemm", strides=strides, dil=dil, pads=pads, outs=outs, ws=_align(sub * itemsize))
     Cg = C // g
-    prodK = int(np.prod(K))
+    prodK = int(math.prod(K))
     if nsp == 2 and strides == [1, 1]:
         Hp, Wp = x_shape[2] + pads[0] + pads[2], x_shape[3] + pads[1] + pads[3]
         slack = (K[1] - 1) * dil[1]
@@ -118,7 +119,7 @@ def _conv_plan(node, x_shape, w_shape, itemsize):
             + _align(M * outs[0] * Wp * itemsize)
         return dict(kind="wide", strides=strides, dil=dil, pads=pads, outs=outs, ws=per_img, Hp=Hp, Wp=Wp)
     spatial_p = [x_shape[2 + i] + pads[i] + pads[i + nsp] for i in range(nsp)]
-    per_img = (C * int(np.prod(spatial_p)) if padded else 0)
+    per_img = (C * int(math.prod(spatial_p)) if padded else 0)
     chunk = max(1, min(N, CHUNK_BYTES // max(1, Cg * prodK * prodO * itemsize)))
     ws = _align(chunk * per_img * itemsize) + _align(chunk * Cg * prodK * prodO * itemsize)
     return dict(kind="im2col", strides=strides, dil=dil, pads=pads, outs=outs, ws=ws, chunk=chunk)
@@ -229,8 +230,9 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
         cols_b, off = _take(ws, off, (rb, kh * kw, L), x.dtype, xp)
     key = (chunk, id(w), None if b is None else id(b))
     hit = cache.get(key)
-    if hit is None or hit[0] is not w or hit[1] is not b:
-        # per-row weights and bias for a chunk of images, built once per weight array
+    if hit is None or hit[0] is not w or hit[1] is not b or not const_input(node, 1) \
+            or (b is not None and not const_input(node, 2)):
+        # per-row weights and bias for a chunk of images, built once per constant weight
         wt = xp.ascontiguousarray(xp.broadcast_to(w.reshape(1, C, kh * kw), (chunk, C, kh * kw))
                                   .reshape(chunk * C, kh * kw))
         bias = None if b is None else xp.ascontiguousarray(
@@ -335,7 +337,7 @@ def _conv_im2col(xp, node, x, w, b, y, p, ws):
     g = node.a("group", 1)
     Cg, Mg = C // g, M // g
     outs, strides, dil, pads = p["outs"], p["strides"], p["dil"], p["pads"]
-    prodK, prodO = int(np.prod(K)), int(np.prod(outs))
+    prodK, prodO = int(math.prod(K)), int(math.prod(outs))
     chunk = p["chunk"]
     padded = any(pads)
     sp = [x.shape[2 + i] + pads[i] + pads[i + nsp] for i in range(nsp)]
@@ -503,12 +505,12 @@ def _max_indices(xp, node, x, K):
     ceil_mode = bool(node.a("ceil_mode", 0))
     strides, dil, pads, outs = _geom(node, x.shape, K, ceil_mode)
     spatial = x.shape[2:]
-    n_sp = int(np.prod(spatial))
+    n_sp = int(math.prod(spatial))
     if node.a("storage_order", 0):  # column-major numbering of the spatial positions
         sflat = np.arange(n_sp, dtype=np.int64).reshape(spatial[::-1]).transpose()
     else:
         sflat = np.arange(n_sp, dtype=np.int64).reshape(spatial)
-    base = (np.arange(x.shape[0] * x.shape[1], dtype=np.int64) * int(np.prod(spatial))).reshape(x.shape[:2] + (1,) * nsp)
+    base = (np.arange(x.shape[0] * x.shape[1], dtype=np.int64) * int(math.prod(spatial))).reshape(x.shape[:2] + (1,) * nsp)
     idx = xp.asarray(base + sflat)
     sp = [max(x.shape[2 + i] + pads[i] + pads[i + nsp], (outs[i] - 1) * strides[i] + (K[i] - 1) * dil[i] + 1)
           for i in range(nsp)]
@@ -777,7 +779,7 @@ def _softmax(node, xp):
         x = ins[0]
         axis = _softmax_axis(node, x)
         if node.opset < 13:  # coerced to 2-D at `axis`
-            x2 = x.reshape(int(np.prod(x.shape[:axis])), -1)
+            x2 = x.reshape(int(math.prod(x.shape[:axis])), -1)
             return _sm(xp, op, x2, 1, None).reshape(x.shape)
         return _sm(xp, op, x, axis, out_if(outs, 0, x.shape, x.dtype))
     return run

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from opc.runtime.registry import kernel
+from opc.runtime.registry import const_input, kernel
 
 
 def _act(xp, name, alpha, beta):
@@ -109,6 +109,7 @@ def _lstm(node, xp):
     input_forget = node.a("input_forget", 0)
     default_acts = [a.lower() for a in node.a("activations") or []] in ([], ["sigmoid", "tanh", "tanh"],
                                                                        ["sigmoid", "tanh", "tanh"] * 2)
+    cache = {}
 
     def run(ins, outs, ws):
         x, w, r, b, lens, h0, seq, batch, dirs, H, layout = _common(node, ins, xp, 4)
@@ -116,10 +117,13 @@ def _lstm(node, xp):
         if c0 is not None and layout:
             c0 = xp.swapaxes(c0, 0, 1)
         p = ins[7] if len(ins) > 7 and ins[7] is not None else None
+        if default_acts and clip is None and not input_forget and p is None and lens is None:
+            bias = ins[3] if len(ins) > 3 else None
+            keep = const_input(node, 1) and const_input(node, 2) and (bias is None or const_input(node, 3))
+            return _lstm_fast(node, xp, x, _lstm_weights(xp, cache if keep else {}, w, r, bias, H),
+                              h0, c0, seq, batch, dirs, H, layout)
         acts = _acts(node, xp, ["Sigmoid", "Tanh", "Tanh"], dirs)
         xw = [xp.matmul(x, w[d].T) + b[d, :4 * H] + b[d, 4 * H:] for d in range(dirs)]  # (seq, batch, 4H)
-        if default_acts and clip is None and not input_forget and p is None and lens is None:
-            return _lstm_fast(node, xp, x, xw, r, h0, c0, seq, batch, dirs, H, layout)
         zeros = xp.zeros((batch, H), dtype=x.dtype)
         states = [(h0[d] if h0 is not None else zeros, c0[d] if c0 is not None else zeros) for d in range(dirs)]
 
@@ -206,42 +210,75 @@ def _rnn(node, xp):
     return run
 
 
-def _lstm_fast(node, xp, x, xw, r, h0, c0, seq, batch, dirs, H, layout):
-    """Default activations, no clip/peepholes/lengths: each step is one GEMM and ~12 in-place
-    element-wise calls on preallocated buffers (the step loop is Python-bound at small batch)."""
+def _lstm_weights(xp, cache, w, r, b, H):
+    """Per direction: W^T, R^T and the summed biases in the gate order (o, i, f, c), with the
+    sigmoid gates' columns halved (see ``_lstm_fast``); kept in ``cache`` (constant weights)."""
+    hit = cache.get("w")
+    if hit is not None and hit[0] is w and hit[1] is r and hit[2] is b:
+        return hit[3]
+    dt = w.dtype
+    half = dt.type(0.5)
+    order = [slice(H, 2 * H), slice(0, H), slice(2 * H, 3 * H), slice(3 * H, 4 * H)]  # ONNX: i, o, f, c
+    res = []
+    for d in range(w.shape[0]):
+        wt = xp.concatenate([w[d][o] for o in order], axis=0).T
+        rt = xp.concatenate([r[d][o] for o in order], axis=0).T
+        if b is not None:
+            bs = b[d, :4 * H] + b[d, 4 * H:]
+            bs = xp.concatenate([bs[o] for o in order])
+        else:
+            bs = xp.zeros((4 * H,), dtype=dt)
+        wt, rt, bs = (xp.ascontiguousarray(a.astype(dt)) for a in (wt, rt, bs))
+        for a in (wt, rt, bs):
+            a[..., :3 * H] *= half
+        res.append((wt, rt, bs))
+    cache["w"] = (w, r, b, res)
+    return res
+
+
+def _lstm_fast(node, xp, x, weights, h0, c0, seq, batch, dirs, H, layout):
+    """Default activations, no clip/peepholes/lengths: the input projection of all steps is one
+    GEMM; each step is one (batch, H) x (H, 4H) GEMM and eight in-place element-wise calls on
+    preallocated buffers (the step loop is Python-bound at small batch).
+
+    sigmoid(v) = 0.5 * tanh(v / 2) + 0.5: with the o, i, f columns pre-halved, one tanh over all
+    four gates serves the three sigmoids and the cell candidate. The gates sit as (o, i, f, g)
+    in a (batch, 5H) buffer followed by the cell state c, so [i, f] * [g, c] is one multiply
+    and c = i*g + f*c one add."""
     direction = node.a("direction", "forward")
     dt = x.dtype
     ys = xp.empty((seq, dirs, batch, H), dtype=dt)
-    z = xp.empty((batch, 4 * H), dtype=dt)
+    zz = xp.empty((batch, 5 * H), dtype=dt)
+    prod = xp.empty((batch, 2 * H), dtype=dt)
     tmp = xp.empty((batch, H), dtype=dt)
-    hs, cs = [], []
+    z, s, o, fi, gc, c = zz[:, :4 * H], zz[:, :3 * H], zz[:, :H], zz[:, H:3 * H], zz[:, 3 * H:], zz[:, 4 * H:]
+    p_ig, p_fc = prod[:, :H], prod[:, H:]
     half = dt.type(0.5)
+    mul, add, tanh, matmul = xp.multiply, xp.add, xp.tanh, xp.matmul
+    x2 = x.reshape(seq * batch, x.shape[2])
+    hs, cs = [], []
     for d in range(dirs):
-        # sigmoid(v) = 0.5 * tanh(v / 2) + 0.5: with the i, o, f columns pre-halved one tanh
-        # over all four gates serves the three sigmoids and the cell candidate
-        rt = xp.ascontiguousarray(r[d].T)
-        rt[:, :3 * H] *= half
-        xwd = xw[d]
-        xwd[:, :, :3 * H] *= half
+        wt, rt, bs = weights[d]
+        xw = matmul(x2, wt).reshape(seq, batch, 4 * H)
+        xw += bs
         h = h0[d].astype(dt) if h0 is not None else xp.zeros((batch, H), dtype=dt)
-        c = c0[d].astype(dt, copy=True) if c0 is not None else xp.zeros((batch, H), dtype=dt)
+        if c0 is not None:
+            c[...] = c0[d]
+        else:
+            c[...] = 0
         reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
-        s = z[:, :3 * H]
-        g = z[:, 3 * H:]
-        i, o, f = z[:, :H], z[:, H:2 * H], z[:, 2 * H:3 * H]
         for step in range(seq):
             t = seq - 1 - step if reverse else step
-            xp.matmul(h, rt, out=z)
-            z += xwd[t]
-            xp.tanh(z, out=z)
-            s *= half
-            s += half
-            c *= f
-            xp.multiply(i, g, out=tmp)
-            c += tmp
-            xp.tanh(c, out=tmp)
+            matmul(h, rt, out=z)
+            add(z, xw[t], out=z)
+            tanh(z, out=z)
+            mul(s, half, out=s)
+            add(s, half, out=s)
+            mul(fi, gc, out=prod)
+            add(p_ig, p_fc, out=c)
+            tanh(c, out=tmp)
             h = ys[t, d]
-            xp.multiply(o, tmp, out=h)
+            mul(o, tmp, out=h)
         hs.append(h)
-        cs.append(c)
+        cs.append(c.copy())
     return _outputs(node, xp, ys, [(h, c) for h, c in zip(hs, cs)], layout, 2)

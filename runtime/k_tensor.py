@@ -6,6 +6,7 @@ Values that decide a shape (Reshape's shape, Slice's starts...) are read on the 
 
 from __future__ import annotations
 
+import math
 import numpy as np
 
 from opc.runtime.registry import kernel, np_dtype, out_if
@@ -57,8 +58,8 @@ def _flatten(node, xp):
         x = ins[0]
         axis = node.a("axis", 1)
         axis = axis + x.ndim if axis < 0 else axis
-        return x.reshape(int(np.prod(x.shape[:axis])), -1) if x.size else \
-            x.reshape(int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:])))
+        return x.reshape(int(math.prod(x.shape[:axis])), -1) if x.size else \
+            x.reshape(int(math.prod(x.shape[:axis])), int(math.prod(x.shape[axis:])))
     return run
 
 
@@ -206,8 +207,8 @@ def _gather_nd(node, xp):
         idx = to_host(idx).astype(np.int64)
         k = idx.shape[-1]
         bshape = x.shape[:b]
-        xb = x.reshape((int(np.prod(bshape)),) + x.shape[b:])
-        ib = idx.reshape((int(np.prod(bshape)), -1, k))
+        xb = x.reshape((int(math.prod(bshape)),) + x.shape[b:])
+        ib = idx.reshape((int(math.prod(bshape)), -1, k))
         res = []
         for i in range(xb.shape[0]):
             cols = tuple(ib[i, :, j] for j in range(k))

@@ -188,7 +188,10 @@ def compile_graph(graph: onnx.GraphProto, xp, opsets: dict[str, int], outer: set
         p.output_names.append(o.name)
     p.captures = captured
     p.capture_slots = [p.slots[c] for c in captured]
-    _fold_constants(p, {p.slots[n] for n in overridable if n in p.slots})
+    over = {p.slots[n] for n in overridable if n in p.slots}
+    _fold_constants(p, over)
+    for st in p.steps:
+        st.node.const_ins = tuple(s >= 0 and s in p.consts and s not in over for s in st.ins)
     _fuse_activations(p, {p.slots[o.name] for o in graph.output if o.name in p.slots})
     _compute_release(p)
     return p

@@ -85,6 +85,14 @@ def out_if(outs, i: int, shape, dtype):
     return None
 
 
+def const_input(node, i: int) -> bool:
+    """True when input ``i`` of ``node`` is a load-time constant (an initializer or a folded
+    value that no feed can override): a kernel may cache what it derives from it across runs.
+    Set by ``compile_graph`` (``node.const_ins``); False before that or for a missing input."""
+    c = getattr(node, "const_ins", ())
+    return i < len(c) and c[i]
+
+
 def np_dtype(elem_type: int):
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 

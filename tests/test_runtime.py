@@ -303,3 +303,52 @@ def test_kernel_failure_is_one_line_naming_the_node():
     x = np.ones((2, 1), np.float32)
     for cols in (3, 5, 3):
         assert sess.run(None, {"x": x, "s": np.array([2, cols])})[0].shape == (2, cols)
+
+
+@pytest.mark.parametrize("direction,bias,states,layout", [
+    ("bidirectional", True, True, 0), ("reverse", False, False, 0), ("forward", True, False, 0)])  # layout=1: node tests (ORT has no batchwise LSTM)
+def test_lstm_fast_path_matches_ort(direction, bias, states, layout):
+    """Default activations: reordered, pre-halved weights cached at the first run; the gate and
+    cell buffers are reused across steps and runs."""
+    rng = np.random.default_rng(1)
+    seq, batch, inp, hid = 5, 3, 4, 6
+    dirs = 2 if direction == "bidirectional" else 1
+    inits = [numpy_helper.from_array(rng.standard_normal((dirs, 4 * hid, inp)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((dirs, 4 * hid, hid)).astype(np.float32), "R")]
+    ins = ["x", "W", "R", "B" if bias else "", "", "h0" if states else "", "c0" if states else ""]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal((dirs, 8 * hid)).astype(np.float32), "B"))
+    xs = (batch, seq, inp) if layout else (seq, batch, inp)
+    ss = (batch, dirs, hid) if layout else (dirs, batch, hid)
+    graph_ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, xs)]
+    feeds = {"x": rng.standard_normal(xs).astype(np.float32)}
+    if states:
+        for n in ("h0", "c0"):
+            graph_ins.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, ss))
+            feeds[n] = rng.standard_normal(ss).astype(np.float32)
+    while ins[-1] == "":
+        ins.pop()
+    node = helper.make_node("LSTM", ins, ["y", "yh", "yc"], hidden_size=hid, direction=direction, layout=layout)
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "yh", "yc")]
+    model = helper.make_model(helper.make_graph([node], "g", graph_ins, outs, inits),
+                              opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    _check(model, feeds, runs=3)
+
+
+def test_depthwise_weights_fed_at_run_time_are_not_cached():
+    """Derived weights are cached only for constant inputs: a computed weight is the same arena
+    view every run, with new contents."""
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 6, 8, 8] x, float[6, 1, 3, 3] v) => (float[2, 6, 8, 8] y) {
+        w = Neg (v)
+        y = Conv <group = 6, pads = [1, 1, 1, 1]> (x, w)
+    }
+    """)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 6, 8, 8)).astype(np.float32)
+    sess = rt.Session(model, backend="numpy")
+    for _ in range(3):
+        feeds = {"x": x, "v": rng.standard_normal((6, 1, 3, 3)).astype(np.float32)}
+        assert compare(_ort(model, feeds)[0], sess.run(None, feeds)[0])["max_rel"] <= RTOL
