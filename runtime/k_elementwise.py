@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from opc.runtime.registry import kernel, np_dtype, out_if
@@ -163,7 +165,13 @@ def _prelu(node, xp):
 
 
 def _bshape(a, b):
-    return np.broadcast_shapes(a.shape, b.shape)
+    return broadcast_shapes(a.shape, b.shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def broadcast_shapes(*shapes):
+    """``np.broadcast_shapes``, remembered: a run asks the same few questions every time."""
+    return np.broadcast_shapes(*shapes)
 
 
 _ARITH = {"Add": "add", "Sub": "subtract", "Mul": "multiply", "Pow": "power", "And": "logical_and",
@@ -227,7 +235,7 @@ def _variadic(op, name):
             ins = [i for i in ins if i is not None]
             if len(ins) == 1:
                 return ins[0].copy()
-            shape = np.broadcast_shapes(*[i.shape for i in ins])
+            shape = broadcast_shapes(*[i.shape for i in ins])
             # with 3+ inputs the output may sit over a later input: accumulate separately then
             o = out_if(outs, 0, shape, ins[0].dtype) if len(ins) == 2 else None
             acc = f(ins[0], ins[1], out=o)

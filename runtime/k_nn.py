@@ -10,6 +10,7 @@ convs are kh*kw multiply-adds. Scratch lives in the planner's workspace when one
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -668,12 +669,18 @@ def _layernorm(node, xp):
         axis = axis0 % x.ndim
         axes = tuple(range(axis, x.ndim))
         xf = x.astype(xp.float32) if x.dtype != np.float32 and x.dtype != np.float64 else x
-        m = xf.mean(axis=axes, keepdims=True)
+        scale = xf.dtype.type(1.0 / math.prod(x.shape[axis:]))  # sum * (1/n): mean's wrapper costs more
+        m = xp.sum(xf, axis=axes, keepdims=True)
+        m *= scale
         d = xf - m
-        v = (d * d).mean(axis=axes, keepdims=True)
-        inv = 1.0 / xp.sqrt(v + eps)
+        v = xp.sum(xp.square(d), axis=axes, keepdims=True)
+        v *= scale
+        v += xf.dtype.type(eps)
+        inv = xp.sqrt(v)
+        xp.divide(xf.dtype.type(1), inv, out=inv)
         d *= inv
-        y = d * s
+        d *= s
+        y = d
         if b is not None:
             y += b
         res = [y.astype(x.dtype, copy=False)]
@@ -754,12 +761,17 @@ def _gemm(node, xp):
     return run
 
 
+@functools.lru_cache(maxsize=4096)
+def _matmul_shape(a, b):
+    return np.broadcast_shapes(a[:-2], b[:-2]) + (a[-2], b[-1])
+
+
 @kernel("MatMul")
 def _matmul(node, xp):
     def run(ins, outs, ws):
         a, b = ins
         if a.ndim >= 2 and b.ndim >= 2:
-            shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+            shape = _matmul_shape(a.shape, b.shape)
             return xp.matmul(a, b, out=out_if(outs, 0, shape, a.dtype))
         return xp.matmul(a, b)
     return run
