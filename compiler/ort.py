@@ -150,3 +150,15 @@ def within(metrics: dict, rtol: float, atol: float) -> bool:
     if metrics["max_abs"] <= atol:
         return True
     return metrics["max_rel"] <= rtol
+
+
+def report_outputs(reference: dict, actual: dict, rtol: float, atol: float, echo, prefix: str = "") -> list[str]:
+    """Print one comparison line per output; return the names outside tolerance."""
+    bad = []
+    for name, ref in reference.items():
+        m = compare(ref, actual[name])
+        ok = within(m, rtol, atol)
+        bad += [] if ok else [name]
+        echo(f"{prefix}{name}: max abs {m['max_abs']:.4g}  max rel {m['max_rel']:.4g}  cosine {m['cosine']:.6f}  "
+             f"{'ok' if ok else 'MISMATCH'}")
+    return bad

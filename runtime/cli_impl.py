@@ -73,7 +73,7 @@ def run_command(model_path: Path, inputs: Path | None, backend: str, save_output
                 compare_to: str | None, validate: bool, rtol: float, atol: float, shapes: dict, seed: int,
                 echo) -> None:
     from opc.ir import load_model
-    from opc.ort import compare, make_session, within
+    from opc.ort import make_session, report_outputs
     from opc.runtime import Session
 
     if compare_to not in (None, "ort"):
@@ -101,14 +101,8 @@ def run_command(model_path: Path, inputs: Path | None, backend: str, save_output
         save_npz_atomic(save_outputs, outs)
         echo(f"outputs written to {save_outputs}")
     if compare_to == "ort":
-        ref = make_session(model).run(None, feeds)
-        bad = []
-        for name, r in zip(names, ref):
-            m = compare(r, outs[name])
-            ok = within(m, rtol, atol)
-            bad += [] if ok else [name]
-            echo(f"vs ORT {name}: max abs {m['max_abs']:.4g}  max rel {m['max_rel']:.4g}  cosine {m['cosine']:.6f}  "
-                 f"{'ok' if ok else 'MISMATCH'}")
+        ref = dict(zip(names, make_session(model).run(None, feeds)))
+        bad = report_outputs(ref, outs, rtol, atol, echo, prefix="vs ORT ")
         if bad:
             raise VerificationError(f"{len(bad)} of {len(names)} outputs differ from ONNX Runtime beyond "
                                     f"rtol={rtol:g} atol={atol:g}")

@@ -16,7 +16,10 @@ from typing import Iterator
 
 import numpy as np
 import onnx
+
 import onnx_graphsurgeon as gs
+
+from opc.summary import iter_graphs as iter_proto_graphs
 
 # ops whose result is not a function of their inputs: never folded or merged
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
@@ -302,7 +305,7 @@ def infer_types(model: onnx.ModelProto, input_shapes: dict | None = None) -> dic
     ``model`` must be a private copy (an export made for this call): it is changed.
     """
     m = model  # a private export: changed in place
-    for g in _proto_graphs(m.graph):
+    for g in iter_proto_graphs(m.graph):
         del g.value_info[:]
         # inference needs only the types of big initializers, not their bytes
         listed = {i.name for i in g.input}
@@ -335,7 +338,7 @@ def infer_types(model: onnx.ModelProto, input_shapes: dict | None = None) -> dic
         except Exception:
             return {}
     types = {}
-    for g in _proto_graphs(inferred.graph):
+    for g in iter_proto_graphs(inferred.graph):
         for vi in list(g.input) + list(g.value_info) + list(g.output):
             if not vi.type.HasField("tensor_type"):
                 continue
@@ -345,14 +348,3 @@ def infer_types(model: onnx.ModelProto, input_shapes: dict | None = None) -> dic
                 dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
             types[vi.name] = (tt.elem_type, dims)
     return types
-
-
-def _proto_graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _proto_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _proto_graphs(g)
