@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import time
 
 import numpy as np
 import onnx
@@ -39,6 +40,7 @@ def make_session(model: onnx.ModelProto | str, *, providers=None, threads: int |
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # the default; latency_clock relies on it
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimized_model_path:
@@ -51,6 +53,18 @@ def make_session(model: onnx.ModelProto | str, *, providers=None, threads: int |
     except Exception as exc:
         msg = str(exc).strip().splitlines()
         raise ModelError(f"ONNX Runtime cannot load the model: {msg[0] if msg else type(exc).__name__}") from None
+
+
+def latency_clock(threads: int | None):
+    """The clock an inference's latency is read from, for sessions made with ``threads``.
+
+    With one intra-op thread (and sequential execution, one inter-op thread) ONNX Runtime
+    runs every node on the calling thread, so that thread's CPU time (``time.thread_time``)
+    is the inference's cost, and other jobs on a shared machine barely change it: they
+    stretch wall time, not the CPU time spent by the run. With more threads the work runs on
+    pool threads this clock does not see: wall time (``time.perf_counter``).
+    """
+    return time.thread_time if threads == 1 else time.perf_counter
 
 
 _NP_TYPES = {

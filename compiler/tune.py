@@ -65,6 +65,7 @@ import numpy as np
 import onnx
 
 from opc.errors import DataError, OpcError, UsageError
+from opc.ort import latency_clock  # noqa: F401  (moved to opc.ort; shared with benchmarks)
 from opc.trials import SerialRunner, Trial, TrialResult, TrialRunner
 
 BUILTIN_METRICS = ("top1", "cosine", "mse")
@@ -192,17 +193,6 @@ def _fixed_batch(model: onnx.ModelProto) -> int | None:
         if dims and isinstance(dims[0], int):
             return dims[0]
     return None
-
-
-def latency_clock(threads: int):
-    """The clock latencies are read from.
-
-    With one intra-op thread ONNX Runtime runs every node on the calling thread, so that
-    thread's CPU time is the inference's cost, and other jobs on a shared machine do not
-    inflate it (measured here under load 7 on 2 cores: wall medians of one model ranged
-    9.6-18.1 ms, CPU-time medians 9.6-10.1 ms). With more threads: wall time.
-    """
-    return time.thread_time if threads == 1 else time.perf_counter
 
 
 def measure_latency(session, feeds: dict, repeats: int, warmup: int, clock=time.perf_counter) -> tuple[float, float]:

@@ -95,6 +95,21 @@ def test_light_models_and_args():
     assert args.quick and args.repeats == 3 and args.threads == 2 and args.models == ["digits-cnn"]
 
 
+def test_cpu_latency_counts_the_work_run_on_the_calling_thread(digits_assets):
+    import time
+
+    from opc.ort import latency_clock
+
+    assert latency_clock(1) is time.thread_time and latency_clock(2) is time.perf_counter
+    small = common.ort_cpu_latency(digits_assets["model"], batch=1, repeats=9, warmup=1)
+    big = common.ort_cpu_latency(digits_assets["model"], batch=128, repeats=9, warmup=1)
+    assert small["clock"] == big["clock"] == "cpu" and small["threads"] == 1
+    # the work of the run lands on this thread's CPU clock: 128x the batch costs several times more
+    assert 0 < small["median_ms"] and big["median_ms"] > 5 * small["median_ms"]
+    with pytest.raises(ValueError, match="threads=1"):
+        common.ort_latency(digits_assets["model"], batch=1, threads=2, clock="cpu")
+
+
 def test_ort_latency_refuses_a_batch_the_model_cannot_take(tmp_path):
     from opc.ir import save_model
 
