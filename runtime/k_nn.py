@@ -93,8 +93,7 @@ def _conv_plan(node, x_shape, w_shape, itemsize):
             P = sh * sw
             R = Hq * Wq + ((w_shape[3] - 1) * dil[1]) // sw
             L = outs[0] * Wq
-            full = 0 if P == 1 else C * sh * Hq * sw * Wq
-            per_img = (C * (P * R + 2 * L) + full) * itemsize
+            per_img = C * (P * R + 2 * L) * itemsize
             chunk = max(1, min(N, CHUNK_BYTES // max(1, per_img)))
             taps = int(math.prod(w_shape[2:]))
             # small images: gather the taps of a cache-sized block of channels and let one
@@ -103,8 +102,8 @@ def _conv_plan(node, x_shape, w_shape, itemsize):
                 if L <= GATHER_MAX_L else 0
             return dict(kind="depthwise_wide", strides=strides, dil=dil, pads=pads, outs=outs, Hp=Hp, Wp=Wp,
                         Hq=Hq, Wq=Wq, R=R, L=L, chunk=chunk, rb=rb,
-                        ws=_align(chunk * C * P * R * itemsize) + 2 * _align(chunk * C * L * itemsize)
-                        + _align(chunk * full * itemsize) + _align(rb * taps * L * itemsize))
+                        ws=_align(chunk * C * P * R * itemsize) + (1 if rb else 2) * _align(chunk * C * L * itemsize)
+                        + _align(rb * taps * L * itemsize))
         padn = N * C * int(math.prod([x_shape[2 + i] + pads[i] + pads[i + nsp] for i in range(nsp)])) if padded else 0
         return dict(kind="depthwise", strides=strides, dil=dil, pads=pads, outs=outs,
                     ws=_align(padn * itemsize) + _align(N * C * prodO * itemsize))
@@ -223,12 +222,12 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
     P = sh * sw
     src_b, off = _take(ws, 0, (P, chunk * C, R), x.dtype, xp)
     acc_b, off = _take(ws, off, (chunk * C, L), x.dtype, xp)
-    tmp_b, off = _take(ws, off, (chunk * C, L), x.dtype, xp)
-    if P > 1:
-        full_b, off = _take(ws, off, (chunk, C, sh * Hq, sw * Wq), x.dtype, xp)
     rb = p["rb"]
-    if rb:
+    if rb:  # gathered taps and one matmul: no per-tap temporary
         cols_b, off = _take(ws, off, (rb, kh * kw, L), x.dtype, xp)
+        tmp_b = acc_b
+    else:
+        tmp_b, off = _take(ws, off, (chunk * C, L), x.dtype, xp)
     key = (chunk, id(w), None if b is None else id(b))
     hit = cache.get(key)
     if hit is None or hit[0] is not w or hit[1] is not b or not const_input(node, 1) \
@@ -254,14 +253,18 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
         pd = [pads[0], pads[1], pads[2], pads[3]]
         if P == 1:
             _pad_into(xp, src[0, :, :Hq * Wq].reshape(nb, C, Hq, Wq), x[n0:n0 + nb], pd)
-        else:
-            full = full_b[:nb]
-            pd[2] += sh * Hq - Hp  # round the padded size up to whole phases (zeros)
-            pd[3] += sw * Wq - Wp
-            _pad_into(xp, full, x[n0:n0 + nb], pd)
+        else:  # phase (a, c) pixel (u, v) is x[sh*u + a - top, sw*v + c - left], zero outside x
+            src[...] = 0
+            xs = x[n0:n0 + nb]
+            H, W = x.shape[2:]
             for a in range(sh):
+                u0, r0 = _phase_range(a, pads[0], sh, H)
                 for c in range(sw):
-                    src[a * sw + c, :, :Hq * Wq].reshape(nb, C, Hq, Wq)[...] = full[:, :, a::sh, c::sw]
+                    v0, c0 = _phase_range(c, pads[1], sw, W)
+                    part = xs[:, :, r0::sh, c0::sw]
+                    if part.size:
+                        dst = src[a * sw + c, :, :Hq * Wq].reshape(nb, C, Hq, Wq)
+                        dst[:, :, u0:u0 + part.shape[2], v0:v0 + part.shape[3]] = part
         if tail:
             src[:, :, Hq * Wq:] = 0
         if rb:
@@ -285,6 +288,12 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
             dst[...] = a4
         apply_post(xp, node, dst)
     return y
+
+
+def _phase_range(a, pad, s, size):
+    """First phase index u with 0 <= s*u + a - pad, and the input index it reads."""
+    u0 = max(0, -(-(pad - a) // s))
+    return u0, s * u0 + a - pad
 
 
 def _conv_wide(xp, node, x, w, b, y, p, ws):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from opc.runtime.registry import const_input, kernel
+from opc.runtime.xp import is_numpy
 
 
 def _act(xp, name, alpha, beta):
@@ -256,6 +257,7 @@ def _lstm_fast(node, xp, x, weights, h0, c0, seq, batch, dirs, H, layout):
     half = dt.type(0.5)
     mul, add, tanh, matmul = xp.multiply, xp.add, xp.tanh, xp.matmul
     x2 = x.reshape(seq * batch, x.shape[2])
+    direct = batch == 1 or is_numpy(xp)  # z is a strided view for batch > 1: only NumPy's matmul takes that out=
     hs, cs = [], []
     for d in range(dirs):
         wt, rt, bs = weights[d]
@@ -269,8 +271,11 @@ def _lstm_fast(node, xp, x, weights, h0, c0, seq, batch, dirs, H, layout):
         reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
         for step in range(seq):
             t = seq - 1 - step if reverse else step
-            matmul(h, rt, out=z)
-            add(z, xw[t], out=z)
+            if direct:
+                matmul(h, rt, out=z)
+                add(z, xw[t], out=z)
+            else:
+                add(matmul(h, rt), xw[t], out=z)
             tanh(z, out=z)
             mul(s, half, out=s)
             add(s, half, out=s)

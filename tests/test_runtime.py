@@ -90,6 +90,7 @@ CONV_CASES = [
     ((2, 12, 10, 11), (12, 1, 3, 5), dict(group=12, pads=[1, 2, 0, 1], strides=[2, 3], dilations=[2, 1])),
     ((1, 6, 12, 12), (6, 1, 5, 5), dict(group=6, pads=[2, 2, 2, 2], strides=[2, 2])),
     ((2, 4, 40, 40), (4, 1, 3, 3), dict(group=4, pads=[1, 1, 1, 1])),  # large image: per-tap multiply-adds
+    ((1, 3, 71, 70), (3, 1, 3, 3), dict(group=3, pads=[1, 0, 1, 2], strides=[2, 2])),  # the same, strided
 ]
 
 
@@ -260,7 +261,7 @@ def test_ops_without_onnx_node_cases_match_ort():
     _check(model, {"x": np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)})
 
 
-@pytest.mark.parametrize("x_shape,w_shape,attrs", [CONV_CASES[3], CONV_CASES[7], CONV_CASES[9], CONV_CASES[-3], CONV_CASES[-1]])
+@pytest.mark.parametrize("x_shape,w_shape,attrs", [CONV_CASES[3], CONV_CASES[7], CONV_CASES[9], CONV_CASES[-4], CONV_CASES[-2], CONV_CASES[-1]])
 def test_conv_batch_chunks(monkeypatch, x_shape, w_shape, attrs):
     """Batches are gathered a chunk at a time to bound the scratch memory: one image per chunk here."""
     from opc.runtime import k_nn
@@ -352,3 +353,25 @@ def test_depthwise_weights_fed_at_run_time_are_not_cached():
     for _ in range(3):
         feeds = {"x": x, "v": rng.standard_normal((6, 1, 3, 3)).astype(np.float32)}
         assert compare(_ort(model, feeds)[0], sess.run(None, feeds)[0])["max_rel"] <= RTOL
+
+
+def test_lstm_fast_path_without_strided_matmul_out():
+    """On CuPy (not NumPy) the step GEMM does not write into the strided gate view: same result."""
+    from opc.runtime.registry import KERNELS, Node
+
+    class OtherModule:  # NumPy's functions, but not recognised as NumPy by ``is_numpy``
+        __name__ = "other"
+
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    w = rng.standard_normal((1, 24, 5)).astype(np.float32)
+    r = rng.standard_normal((1, 24, 6)).astype(np.float32)
+    b = rng.standard_normal((1, 48)).astype(np.float32)
+    node = Node("LSTM", "", "l", ["x", "w", "r", "b"], ["y", "yh", "yc"], {"hidden_size": 6}, 14)
+    want = KERNELS[("", "LSTM")].build(node, np)([x, w, r, b], None, None)
+    got = KERNELS[("", "LSTM")].build(node, OtherModule())([x, w, r, b], None, None)
+    for a, g in zip(want, got):
+        np.testing.assert_allclose(g, a, rtol=1e-6, atol=1e-7)
