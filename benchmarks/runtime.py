@@ -6,7 +6,8 @@
 
 CPU table: opc NumPy vs ORT CPU with the same thread count (BLAS threads = ORT intra-op
 threads; the two run interleaved, call by call, medians of ``--repeats``) vs
-``onnx.reference.ReferenceEvaluator`` (median of 3 runs after a warm-up: it is slow), outputs checked against ORT, arena (planned), weights, and the measured peak: tracemalloc's peak over one
+``onnx.reference.ReferenceEvaluator`` (median of 3 runs after a warm-up: it is slow), outputs
+checked against ORT, arena (planned), weights, and the measured peak: tracemalloc's peak over one
 timed run (NumPy reports its allocations to it) with the arena and weights already held.
 Targets (issue 8): opc <= 3x ORT, >= 20x ReferenceEvaluator.
 

@@ -215,7 +215,7 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
     N, C = x.shape[:2]
     kh, kw = w.shape[2:]
     sh, sw = p["strides"]
-    Hp, Wp, Hq, Wq, R, L, chunk = p["Hp"], p["Wp"], p["Hq"], p["Wq"], p["R"], p["L"], p["chunk"]
+    Hq, Wq, R, L, chunk = p["Hq"], p["Wq"], p["R"], p["L"], p["chunk"]
     dh, dw = p["dil"]
     Ho, Wo = p["outs"]
     pads = p["pads"]
@@ -520,7 +520,8 @@ def _max_indices(xp, node, x, K):
         sflat = np.arange(n_sp, dtype=np.int64).reshape(spatial[::-1]).transpose()
     else:
         sflat = np.arange(n_sp, dtype=np.int64).reshape(spatial)
-    base = (np.arange(x.shape[0] * x.shape[1], dtype=np.int64) * int(math.prod(spatial))).reshape(x.shape[:2] + (1,) * nsp)
+    base = (np.arange(x.shape[0] * x.shape[1], dtype=np.int64) * int(math.prod(spatial))) \
+        .reshape(x.shape[:2] + (1,) * nsp)
     idx = xp.asarray(base + sflat)
     sp = [max(x.shape[2 + i] + pads[i] + pads[i + nsp], (outs[i] - 1) * strides[i] + (K[i] - 1) * dil[i] + 1)
           for i in range(nsp)]
