@@ -101,6 +101,20 @@ class CalibrationData:
             yield {k: np.ascontiguousarray(v[start:stop]) for k, v in self.arrays.items()}
 
 
+def read_arrays(path: str | Path, what: str = "data") -> dict[str, np.ndarray]:
+    """The arrays of one .npz (or .npy) file, with the size checks; DataError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such {what} file")
+    try:
+        return _read_file(path)
+    except DataError:
+        raise
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: cannot read {what} ({first})") from None
+
+
 def _read_file(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path}: not a regular file")

@@ -89,17 +89,11 @@ def load_eval_data(path: str | Path, model: onnx.ModelProto, labels: str | Path 
     Labels come from ``labels`` (a .npy) or from a ``labels`` key in the .npz that is not
     a model input. Returns (dict of input arrays, labels array or None).
     """
-    from opc.data import CalibrationData
+    from opc.data import CalibrationData, read_arrays
     from opc.ort import graph_inputs
 
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such evaluation data file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except Exception as exc:
-        raise DataError(f"{path}: cannot read evaluation data ({exc})") from None
+    arrays = read_arrays(path, "evaluation data")
     inputs = {v.name for v in graph_inputs(model)}
     label_array = None
     if "labels" in arrays and "labels" not in inputs:

@@ -16,15 +16,10 @@ from opc.errors import DataError, OpcError, UsageError, VerificationError
 
 def load_inputs(path: Path, model) -> dict[str, np.ndarray]:
     """Feeds from an .npz whose keys are input names."""
+    from opc.data import read_arrays
     from opc.ort import graph_inputs
 
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            feeds = {k: z[k] for k in z.files}
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable .npz ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    feeds = read_arrays(path, "input data")
     names = [v.name for v in graph_inputs(model)]
     missing = [n for n in names if n not in feeds]
     if missing:

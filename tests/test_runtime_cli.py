@@ -50,7 +50,7 @@ def test_run_rejects_inputs_that_do_not_fit(model_path, tmp_path, capsys):
     assert "no array for input 'x'" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     assert main(["run", str(model_path), "--inputs", str(tmp_path / "bad.npz")]) == 1
-    assert "not a readable .npz" in capsys.readouterr().err
+    assert "bad.npz: cannot read input data" in capsys.readouterr().err
 
 
 def test_run_with_seeded_inputs_and_bad_option(model_path, capsys):
