@@ -7,8 +7,11 @@ Table 1 (per model and quantizer, same calibration samples, same run):
 - accuracy: top-1 vs labels (digits, efficientnet-lite0), top-1 agreement with fp32,
   cosine of outputs vs fp32 (sentence embeddings for minilm-l6), output SQNR vs fp32;
 - ONNX Runtime CPU latency at batch 1 and 32 (median, ``--threads`` intra-op threads)
-  and speed-up over fp32, timed round-robin across the variants of one model so that the
-  shared machine's load falls on all of them alike;
+  and speed-up over fp32, timed in interleaved rounds (ABBA order) across the variants of
+  one model so that the shared machine's load falls on all of them alike; with one thread
+  (the default) the clock is the CPU time of ORT's single thread (``opc.ort.latency_clock``),
+  which other jobs do not inflate, else wall time; opc rows also get ``vs_ort``, the paired
+  per-round ratio against the ORT quantizer with the same activation type;
 - integer ops after ORT's graph optimizations (QLinearConv, QGemm, MatMulIntegerToFloat,
   ...; from SessionOptions.optimized_model_filepath), float Conv/Gemm/MatMul left, and
   coverage = integer Conv/Gemm/MatMul / Conv/Gemm/MatMul in the float model;
@@ -174,7 +177,8 @@ def model_rows(name, args) -> list[dict]:
                  ("ort int8", lambda: (ort_quantize(fp32, batches, "int8"), None))]
     if name in ("minilm-l6", "bert-tiny"):
         variants.append(("ort dynamic", lambda: (ort_dynamic(fp32), None)))
-    variants.append(("onnxsim 0.8.1", lambda: (onnxsim_quantize(fp32, batches), None)))
+    if not getattr(args, "latency_only", False):
+        variants.append(("onnxsim 0.8.1", lambda: (onnxsim_quantize(fp32, batches), None)))
     for label, fn in variants:
         t0 = time.perf_counter()
         try:
@@ -194,34 +198,66 @@ def model_rows(name, args) -> list[dict]:
 
 
 def interleaved_latency(rows, models, ev, threads, repeats):
-    """Median latency per variant, timed round-robin (one run of each per round) so that the
-    load of a shared machine hits every variant alike; speed-up is against fp32 of the same rounds."""
-    from opc.ort import make_session
+    """Median latency per variant, timed in interleaved rounds (one run of each variant per
+    round, the order reversed every other round: ABBA...), so that what the shared machine
+    does hits every variant alike; speed-up is against fp32 of the same rounds.
 
+    With one ORT thread the clock is that thread's CPU time (``opc.ort.latency_clock``),
+    which other jobs on the machine do not inflate; with more threads, wall time.
+
+    Each variant gets two sessions, created in forward and in reverse order, used on even
+    and odd rounds: on this machine the session created first ran ~3% slower than an
+    identical later one (efficientnet-lite0 batch 32), which would favour whichever
+    quantizer is listed last. A variant's latency is the mean of its two sessions' medians.
+    """
+    from opc.ort import latency_clock, make_session
+
+    clock = latency_clock(threads)
     by_label = {r["quantizer"]: r for r in rows}
+    labels = list(models)
     for b in (1, 32):
         feeds = batch_feeds(ev.inputs, b)
-        sessions = {}
-        for label, m in models.items():
-            sess = make_session(m, threads=threads)
-            names = {i.name for i in sess.get_inputs()}
-            sessions[label] = (sess, {k: v for k, v in feeds.items() if k in names})
-        times = {label: [] for label in sessions}
-        rounds = repeats if b == 1 else max(3, repeats // 3)
-        for _ in range(2):  # warm-up
-            for sess, f in sessions.values():
+        sessions = {0: {}, 1: {}}
+        for half, order in ((0, labels), (1, labels[::-1])):
+            for label in order:
+                sess = make_session(models[label], threads=threads)
+                names = {i.name for i in sess.get_inputs()}
+                sessions[half][label] = (sess, {k: v for k, v in feeds.items() if k in names})
+        times = {half: {label: [] for label in labels} for half in (0, 1)}
+        rounds = 2 * (repeats // 2 if b == 1 else max(3, repeats // 6))
+        for half in (0, 1):  # warm-up
+            for sess, f in sessions[half].values():
                 sess.run(None, f)
-        for _ in range(rounds):
-            for label, (sess, f) in sessions.items():
-                t0 = time.perf_counter()
                 sess.run(None, f)
-                times[label].append((time.perf_counter() - t0) * 1000.0)
-        base = float(np.median(times["fp32"]))
-        for label, ts in times.items():
-            med = float(np.median(ts))
-            by_label[label][f"b{b}_ms"] = round(med, 3)
+        for i in range(rounds):
+            half = i % 2
+            order = labels if (i // 2) % 2 == 0 else labels[::-1]
+            for label in order:
+                sess, f = sessions[half][label]
+                t0 = clock()
+                sess.run(None, f)
+                times[half][label].append((clock() - t0) * 1000.0)
+
+        def med(label):
+            return float(np.mean([np.median(times[h][label]) for h in (0, 1)]))
+
+        base = med("fp32")
+        for label in labels:
+            m = med(label)
+            ts = times[0][label] + times[1][label]
+            by_label[label][f"b{b}_ms"] = round(m, 3)
+            q1, q3 = np.percentile(ts, [25, 75])
+            by_label[label][f"b{b}_iqr_pct"] = round(100.0 * (q3 - q1) / m, 1) if m else None
             if label != "fp32":
-                by_label[label][f"b{b}_speedup"] = round(base / med, 2)
+                by_label[label][f"b{b}_speedup"] = round(base / m, 2)
+            rival = label.replace("opc ", "ort ", 1)
+            if label.startswith("opc ") and rival in models:
+                # paired: ORT's run / opc's run of the same round (> 1: opc faster); its quartiles
+                # say how far apart the two can be told on this machine
+                r = np.concatenate([np.asarray(times[h][rival]) / np.asarray(times[h][label]) for h in (0, 1)])
+                lo, mid, hi = np.percentile(r, [25, 50, 75])
+                by_label[label][f"b{b}_vs_ort"] = round(float(mid), 3)
+                by_label[label][f"b{b}_vs_ort_iqr"] = f"{lo:.3f}-{hi:.3f}"
 
 
 # --- calibration memory ---------------------------------------------------------------------
@@ -322,6 +358,8 @@ def main(argv=None):
         p.add_argument("--skip-memory", action="store_true")
         p.add_argument("--memory-only", action="store_true")
         p.add_argument("--skip-light", action="store_true", help="skip the onnx light models table")
+        p.add_argument("--latency-only", action="store_true",
+                       help="only the latency table of the CNNs (fp32, opc, ORT), written to quantize_latency")
 
     args = common.bench_args(__doc__.splitlines()[0], DEFAULT_MODELS, argv, extra)
     if args.quick:
@@ -329,12 +367,34 @@ def main(argv=None):
     settings = {"threads": args.threads, "repeats_b1": args.repeats, "calibration_samples": args.samples,
                 "calibration_batch": CAL_BATCH, "weights": "int8 per-channel symmetric",
                 "ort": "quantize_static QDQ per_channel MinMax", "onnxsim": "0.8.1 quantize_static minmax"}
+    clock = "CPU time of the single ORT thread" if args.threads == 1 else "wall time"
+    settings["latency_clock"] = clock
+    if args.latency_only:
+        if args.models == DEFAULT_MODELS:
+            args.models = [m for m in DEFAULT_MODELS if m != "minilm-l6"]
+        rows = []
+        for name in args.models:
+            rows += model_rows(name, args)
+        cols = ["model", "quantizer", "b1_ms", "b1_iqr_pct", "b1_speedup", "b1_vs_ort", "b1_vs_ort_iqr", "b32_ms",
+                "b32_iqr_pct", "b32_speedup", "b32_vs_ort", "b32_vs_ort_iqr", "int_ops", "float_mm", "coverage", "error"]
+        common.report("quantize_latency", rows, columns=cols,
+                      title=f"quantize: ONNX Runtime CPU latency ({clock}), opc vs ORT quantize_static",
+                      settings=settings, threads=args.threads, write_json=not args.no_json,
+                      notes=[f"latency = median of interleaved rounds (ABBA order; two sessions per variant created in "
+                             f"opposite orders, mean of their medians), {clock}; iqr_pct = "
+                             "interquartile range / median; speedup = fp32 median / variant median, same rounds",
+                             "vs_ort (opc rows) = median over rounds of ORT-quantizer run / opc run with the same "
+                             "activation type (> 1: opc faster), with its quartiles",
+                             "int_ops = QLinearConv/QGemm/... after ORT's graph optimizations; float_mm = "
+                             "float Conv/Gemm/MatMul left"])
+        return
     if not args.memory_only:
         rows = []
         for name in args.models:
             rows += model_rows(name, args)
         cols = ["model", "quantizer", "top1", "agree_fp32", "cosine_fp32", "sqnr_db", "b1_ms", "b1_speedup",
-                "b32_ms", "b32_speedup", "int_ops", "float_mm", "coverage", "quant_s", "error"]
+                "b1_vs_ort", "b32_ms", "b32_speedup", "b32_vs_ort", "int_ops", "float_mm", "coverage", "quant_s",
+                "error"]
         common.report("quantize", rows, columns=cols, title="quantize: opc vs ORT quantize_static vs onnxsim",
                       settings=settings, threads=args.threads, write_json=not args.no_json,
                       notes=["coverage = integer Conv/Gemm/MatMul kernels after ORT optimization / "
