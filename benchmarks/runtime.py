@@ -23,6 +23,7 @@ import tracemalloc
 import numpy as np
 
 from benchmarks import common
+from opc.runtime.cli_impl import median_ms
 
 MODELS = ["resnet18", "mobilenetv2", "bert-tiny", "kws-lstm"]
 BATCHES = [1, 32]
@@ -54,15 +55,6 @@ def _interleaved_ms(fns, repeats: int, warmup: int = 2) -> list[float]:
     return [float(np.median(ts)) for ts in times]
 
 
-def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
 
 
 def cpu_row(name: str, batch: int, repeats: int, threads: int, reference: bool) -> dict:
@@ -93,7 +85,7 @@ def cpu_row(name: str, batch: int, repeats: int, threads: int, reference: bool) 
         from onnx.reference import ReferenceEvaluator
 
         ev = ReferenceEvaluator(model)
-        row["ref_ms"] = _median_ms(lambda: ev.run(None, feeds), REF_REPEATS, warmup=1)
+        row["ref_ms"] = median_ms(lambda: ev.run(None, feeds), REF_REPEATS, warmup=1)
         row["ref/opc"] = row["ref_ms"] / opc_ms
     return row
 
@@ -121,7 +113,7 @@ def gpu_rows(models: list[str], batch: int, repeats: int) -> list[dict]:
         run_opc()
         run_opc()
         pool_used = pool.total_bytes()
-        opc_ms = _median_ms(run_opc, repeats)
+        opc_ms = median_ms(run_opc, repeats)
         module = zoo.build(name).cuda()
         args = [torch.from_numpy(feeds[k]).cuda() for k in zoo.input_names(name)]
         torch.cuda.reset_peak_memory_stats()
@@ -134,7 +126,7 @@ def gpu_rows(models: list[str], batch: int, repeats: int) -> list[dict]:
 
         run_torch()
         torch_peak = torch.cuda.max_memory_allocated() - base
-        torch_ms = _median_ms(run_torch, repeats)
+        torch_ms = median_ms(run_torch, repeats)
         rows.append({"model": name, "batch": batch, "cupy_ms": opc_ms, "torch_eager_ms": torch_ms,
                      "cupy/torch": opc_ms / torch_ms, "opc_arena_mib": sess.arena_bytes(feeds) / 2**20,
                      "opc_pool_mib": pool_used / 2**20, "torch_activation_peak_mib": torch_peak / 2**20})

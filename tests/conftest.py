@@ -66,3 +66,15 @@ def zoo(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_blas_thread():
+    """One BLAS thread for a module: on a shared machine multi-threaded BLAS under contention is 10x slower."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn (a dev dependency) brings it; without it run as is
+        yield
+        return
+    with threadpool_limits(1):
+        yield

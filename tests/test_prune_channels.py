@@ -13,16 +13,7 @@ from opc.data import CalibrationData
 from opc.ort import make_session
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    """The machine is shared: multi-threaded BLAS under contention is 10x slower."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # scikit-learn (a dev dependency) brings it; without it run as is
-        yield
-        return
-    with threadpool_limits(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 RNG = np.random.default_rng(5)
