@@ -526,7 +526,6 @@ class _Search:
         self.next_index = 0
         self.used = 0
         self.baseline: TrialResult | None = None
-        ops = {n.op_type for n in model.graph.node}
         counts = Counter(n.op_type for n in model.graph.node)
         self.matmul_nodes = {n.name for n in model.graph.node if n.op_type in MATMUL_OPS}
         # weight-only and SmoothQuant are for models made mostly of MatMul/Gemm (transformers),

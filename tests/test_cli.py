@@ -11,7 +11,7 @@ import onnx.parser
 import pytest
 
 from opc.cli import main
-from opc.pass_api import Pass, PassResult
+from opc.pass_api import Pass
 
 LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
 
