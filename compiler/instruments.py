@@ -55,7 +55,8 @@ class Verify(Instrument):
     """Compare ONNX Runtime outputs after each pass with the step before and the input.
 
     Exact passes must stay within their declared tolerance of the previous step; lossy
-    passes only report their error. Symbolic dimensions are exercised at two sizes.
+    passes only report their error. Inputs are calibration samples when there are any,
+    else seeded random data; symbolic dimensions are exercised at two sizes.
     """
 
     def __init__(self, feeds: list[dict] | None = None, dynamic_sizes=(2, 3)):
@@ -71,6 +72,12 @@ class Verify(Instrument):
     def run_before_pipeline(self, model, ctx):
         from opc.ort import seeded_feeds
 
+        if self.feed_sets is None and ctx.calibration is not None and not ctx.input_shapes:
+            # real samples make a lossy pass's reported error meaningful (random inputs can sit
+            # far outside the calibrated ranges); two batch sizes exercise a dynamic batch
+            first = next(ctx.calibration.batches(3), None)
+            if first is not None and len(next(iter(first.values()))) == 3:
+                self.feed_sets = [{k: v[:2] for k, v in first.items()}, first]
         if self.feed_sets is None:
             if ctx.input_shapes or not _has_symbolic_inputs(model):
                 self.feed_sets = [seeded_feeds(model, ctx.input_shapes, seed=ctx.seed)]

@@ -259,3 +259,16 @@ def light_model_paths():
     paths = sorted(glob.glob(os.path.join(folder, "light_squeezenet.onnx")))
     assert paths
     return paths
+
+
+def test_verify_feeds_calibration_samples_when_there_are_some():
+    from pathlib import Path
+
+    from opc.data import CalibrationData
+    from opc.instruments import Verify
+
+    samples = np.arange(5 * 4, dtype=np.float32).reshape(5, 4)
+    ctx = PassContext(calibration=CalibrationData(Path("calib.npz"), {"x": samples}))
+    v = Verify()
+    v.run_before_pipeline(tiny_model(), ctx)
+    assert [f["x"].tolist() for f in v.feed_sets] == [samples[:2].tolist(), samples[:3].tolist()]
