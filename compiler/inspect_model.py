@@ -85,8 +85,8 @@ def format_inspect(info: dict) -> str:
         lines.append(f"opc pipeline: {info['pipeline']} (opc {info['opc_version']})")
     if info["stats"]:
         for name, st in info["stats"].items():
-            if st:
-                lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in st.items()))
+            changed = {k: v for k, v in st.items() if v not in (0, 0.0, "", None)}
+            lines.append(f"  {name}: " + (", ".join(f"{k}={v}" for k, v in changed.items()) or "no change"))
     if info.get("memory"):
         from opc.memory import format_memory
 
