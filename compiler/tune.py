@@ -380,6 +380,12 @@ def pass_default(name: str, option: str):
     return None
 
 
+def has_option(name: str, option: str) -> bool:
+    from opc.registry import get_pass_class
+
+    return any(f.name == option for f in get_pass_class(name).option_fields())
+
+
 def fallback_order(model: onnx.ModelProto, table: list[dict] | None) -> list[str]:
     """Quantized layers, most sensitive first.
 
@@ -623,8 +629,11 @@ class _Search:
         if bias is not None:  # whichever way the pass defaults, try the other
             items.append((replace(plain, extra=(("bias_correction", not bias),)), "calibration",
                           f"bias correction {'off' if bias else 'on'}"))
-        if self.has_matmul and pass_default("quantize", "smoothquant") is not None:
-            items.append((replace(plain, extra=(("smoothquant", True),)), "calibration", "smoothquant"))
+        if self.has_matmul and has_option("quantize", "smoothquant"):
+            # the pass's default (none) turns SmoothQuant on by itself for such graphs: try the other way
+            on = pass_default("quantize", "smoothquant") is not False
+            items.append((replace(plain, extra=(("smoothquant", not on),)), "calibration",
+                          f"smoothquant {'off' if on else 'on'}"))
         if self.has_matmul and pass_default("quantize", "weight_only") is not None:
             items.append((replace(plain, weight_only=True), "calibration", "weight-only"))
         results = [first]

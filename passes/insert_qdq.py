@@ -124,7 +124,8 @@ class Quantize(Pass):
     symmetric: bool = option(False, "symmetric activation ranges (zero point at the middle)")
     exclude: tuple[str, ...] = option((), "node names or op types to keep in float")
     bias_correction: bool = option(True, "remove the mean output shift of quantized weights through the bias")
-    smoothquant: bool = option(False, "SmoothQuant scale migration for MatMul/Gemm")
+    smoothquant: bool | None = option(
+        None, "SmoothQuant scale migration for MatMul/Gemm (none: on when MatMul/Gemm outnumber Conv, as in transformers)")
     alpha: float = option(0.5, "SmoothQuant migration strength (when alpha_search=false)", low=0.0, high=1.0)
     alpha_search: bool = option(True, "SmoothQuant: pick alpha per activation by the output error on "
                                       "sampled calibration rows")
@@ -432,12 +433,19 @@ class Quantize(Pass):
                 raise DataError(f"calibration run failed in ONNX Runtime: {str(exc).splitlines()[0][:200]}") from None
             raise
 
+    def _use_smoothquant(self, graph: gs.Graph) -> bool:
+        if self.smoothquant is not None:
+            return self.smoothquant
+        # activation outliers that SmoothQuant migrates are a transformer trait; CNNs lose by it
+        ops = Counter(n.op for n in graph.nodes)
+        return ops["MatMul"] + ops["Gemm"] > ops["Conv"] + ops["ConvTranspose"]
+
     # --- static quantization ------------------------------------------------------------
     def _static(self, graph: gs.Graph, ctx: PassContext, stats: dict, warnings: list, per_channel: bool) -> PassResult:
         if self.calibration == "random":
             warnings.append("quantize: calibration=random uses SYNTHETIC data; ranges do not reflect real inputs")
             stats["calibration_synthetic"] = 1
-        if self.smoothquant:
+        if self._use_smoothquant(graph):
             graph = self._smooth(graph, ctx, stats)
         float_model = ctx.to_model(graph)
         plan = self._plan(graph, per_channel, stats)

@@ -246,7 +246,7 @@ def test_residual_add_feeding_float_ops_stays_float():
         y = MatMul(n, w2)
     }""", {"w1": rng.standard_normal((16, 16)), "w2": rng.standard_normal((16, 16)),
            "gamma": np.ones(16), "beta": np.zeros(16)}, opset=17)
-    q, report = quantize(m)
+    q, report = quantize(m, "quantize(smoothquant=false)")  # placement alone, no SmoothQuant Mul
     st = report.passes[0].stats
     assert st["quantized_matmul"] == 2
     # the Add feeds a float LayerNorm: quantizing it would add error and no integer kernel
@@ -369,8 +369,8 @@ def test_bias_correction_removes_the_mean_shift():
     }""", {"w": w, "b": b})
     x = (rng.standard_normal((128, 16)) + 3.0).astype(np.float32)  # inputs with a large mean
     data = CalibrationData(Path("<test>"), {"x": x})
-    on, report_on = quantize(m, "quantize", data=data)
-    off, report_off = quantize(m, "quantize(bias_correction=false)", data=data)
+    on, report_on = quantize(m, "quantize(smoothquant=false)", data=data)
+    off, report_off = quantize(m, "quantize(bias_correction=false,smoothquant=false)", data=data)
     gemm = node_by_output(on, "y")
     bdq = node_by_output(on, gemm.input[2])
     b_on = init(on, bdq.input[0]) * init(on, bdq.input[1]).astype(np.float64)
@@ -425,7 +425,7 @@ def test_smoothquant_moves_outlier_channels_into_weights():
     x = rng.standard_normal((256, 32)).astype(np.float32)
     x[:, 3] *= 60.0  # one outlier channel, as in transformer activations
     data = CalibrationData(Path("<test>"), {"x": x})
-    plain = quantize(m, "quantize(per_channel=true)", data=data)[1].passes[0].stats
+    plain = quantize(m, "quantize(smoothquant=false)", data=data)[1].passes[0].stats
     q, report = quantize(m, "quantize(smoothquant=true)", data=data)
     smooth = report.passes[0].stats
     assert smooth["smoothed_nodes"] == 2
@@ -489,3 +489,19 @@ def test_digits_int8_accuracy_within_half_a_point(tmp_path):
         assert top1(q) >= fp32 - 0.005, passes
     opt = optimized_ops(q, tmp_path)
     assert opt["QLinearConv"] == 3 and opt["QGemm"] == 2
+
+
+def test_smoothquant_is_on_by_default_only_where_matmul_dominates():
+    rng = np.random.default_rng(9)
+    m = build("""
+    g (float[N, 32] x) => (float[N, 16] y) {
+        y = MatMul(x, w)
+    }""", {"w": rng.standard_normal((32, 16)) * 0.2})
+    x = rng.standard_normal((64, 32)).astype(np.float32)
+    x[:, 5] *= 40.0
+    data = CalibrationData(Path("<test>"), {"x": x})
+    auto = quantize(m, data=data)[1].passes[0].stats
+    assert auto["smoothed_nodes"] == 1
+    assert quantize(m, "quantize(smoothquant=false)", data=data)[1].passes[0].stats.get("smoothed_nodes", 0) == 0
+    conv = quantize(cnn())[1].passes[0].stats  # a CNN: Conv outnumbers MatMul/Gemm
+    assert conv.get("smoothed_nodes", 0) == 0 and conv["quantized_conv"] > 0
