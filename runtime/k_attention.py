@@ -1,0 +1,183 @@
+"""Transformer kernels: Attention (opset 23-25), RotaryEmbedding, SwiGLU.
+
+Attention keeps grouped-query heads grouped: Q's heads are viewed as (kv_heads, group) so one
+batched GEMM per KV head serves its whole group, with no repeated copy of K and V. Masks
+(boolean, additive, causal, sliding window, padded KV lengths) are combined into one additive
+bias; a query row with no visible key gives zeros, as the spec asks, not NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from opc.runtime.registry import kernel, np_dtype
+
+
+def _heads(x, n):
+    """(B, S, n*D) -> (B, n, S, D)."""
+    b, s = x.shape[:2]
+    return x.reshape(b, s, n, -1).transpose(0, 2, 1, 3)
+
+
+def _softmax_rows(xp, x):
+    m = x.max(axis=-1, keepdims=True)
+    m = xp.where(xp.isneginf(m), 0, m).astype(x.dtype)  # all -inf row: exp(-inf) = 0, not NaN
+    e = xp.exp(x - m)
+    s = e.sum(axis=-1, keepdims=True)
+    return e / xp.where(s == 0, 1, s).astype(x.dtype)
+
+
+def _attention_bias(xp, dt, mask, causal, left, right, nonpad, past_len, sq, skv):
+    """The additive bias (broadcastable to (B, H, Sq, Skv)) in ``dt``, or None when nothing masks."""
+    allowed = None  # boolean visibility, broadcastable
+    add = None  # a float mask's values
+    if mask is not None:
+        short = skv - mask.shape[-1]
+        if short > 0:  # a mask shorter than the keys hides the keys past its end
+            fill = xp.zeros if mask.dtype == bool else (lambda shape, dtype: xp.full(shape, -np.inf, dtype))
+            mask = xp.concatenate([mask, fill(mask.shape[:-1] + (short,), mask.dtype)], axis=-1)
+        if mask.dtype == bool:
+            allowed = mask
+        else:
+            add = mask.astype(dt)
+    if causal or left >= 0 or right >= 0:
+        # query i sits at absolute position i + offset: after the past cache, or (external cache)
+        # at nonpad_kv_seqlen - Sq for each batch entry
+        i = xp.arange(sq, dtype=xp.int64).reshape(sq, 1)
+        j = xp.arange(skv, dtype=xp.int64).reshape(1, skv)
+        if past_len is None and nonpad is not None:
+            off = (nonpad.astype(xp.int64).reshape(-1) - sq).reshape(-1, 1, 1, 1)
+        else:
+            off = past_len or 0
+        d = i + off - j
+        vis = None
+        if causal:
+            vis = d >= 0
+        if left >= 0:
+            vis = d <= left if vis is None else vis & (d <= left)
+        if right >= 0:
+            vis = -d <= right if vis is None else vis & (-d <= right)
+        allowed = vis if allowed is None else allowed & vis
+    if nonpad is not None:
+        j = xp.arange(skv, dtype=xp.int64).reshape(1, skv)
+        vis = (j < nonpad.astype(xp.int64).reshape(-1, 1)).reshape(-1, 1, 1, skv)
+        allowed = vis if allowed is None else allowed & vis
+    if allowed is None:
+        return add
+    zero = xp.zeros((), dtype=dt) if add is None else add
+    return xp.where(allowed, zero, xp.asarray(-np.inf, dtype=dt)).astype(dt)
+
+
+@kernel("Attention")
+def _attention(node, xp):
+    scale_attr = node.a("scale")
+    causal = bool(node.a("is_causal", 0))
+    q_heads, kv_heads = node.a("q_num_heads"), node.a("kv_num_heads")
+    softcap = float(node.a("softcap", 0.0) or 0.0)
+    mode = int(node.a("qk_matmul_output_mode", 0))
+    precision = node.a("softmax_precision")
+    left, right = int(node.a("left_window_size", -1)), int(node.a("right_window_size", -1))
+    outs_wanted = [bool(o) for o in node.outputs] + [False] * (4 - len(node.outputs))
+
+    def run(ins, outs, ws):
+        q, k, v = ins[:3]
+        mask, past_k, past_v, nonpad = (ins[i] if len(ins) > i else None for i in range(3, 7))
+        dt = q.dtype
+        three_d = q.ndim == 3
+        if three_d:
+            if not q_heads or not kv_heads:
+                node.fail("3-D inputs need q_num_heads and kv_num_heads")
+            q, k, v = _heads(q, q_heads), _heads(k, kv_heads), _heads(v, kv_heads)
+        past_len = None
+        if past_k is not None:
+            past_len = past_k.shape[2]
+            k = xp.concatenate([past_k, k], axis=2)
+            v = xp.concatenate([past_v, v], axis=2)
+        b, hq, sq, d = q.shape
+        hk, skv, dv = k.shape[1], k.shape[2], v.shape[3]
+        if hq % hk:
+            node.fail(f"{hq} query heads are not a multiple of {hk} key/value heads")
+        group = hq // hk
+        s = dt.type(math.sqrt(scale_attr if scale_attr is not None else 1.0 / math.sqrt(d)))
+        # (B, Hq, Sq, D) viewed as (B, Hk, group*Sq, D): head h = kv*group + g uses KV head kv
+        qg = (q * s).reshape(b, hk, group * sq, d)
+        scores = xp.matmul(qg, (k * s).transpose(0, 1, 3, 2)).reshape(b, hq, sq, skv)
+        raw = scores
+        if softcap > 0:
+            scores = (xp.tanh(scores / dt.type(softcap)) * dt.type(softcap)).astype(dt)
+        capped = scores
+        bias = _attention_bias(xp, dt, mask, causal, left, right, nonpad, past_len, sq, skv)
+        if bias is not None:
+            scores = scores + bias
+        biased = scores
+        if precision is not None:
+            scores = scores.astype(np_dtype(int(precision)))
+        p = _softmax_rows(xp, scores)
+        if bias is not None:
+            dead = xp.isneginf(bias.max(axis=-1, keepdims=True))  # no visible key: a zero row
+            p = xp.where(dead, xp.zeros((), dtype=p.dtype), p)
+        p = p.astype(dt)
+        y = xp.matmul(p.reshape(b, hk, group * sq, skv), v).reshape(b, hq, sq, dv)
+        if three_d:
+            y = y.transpose(0, 2, 1, 3).reshape(b, sq, hq * dv)
+        res = [xp.ascontiguousarray(y)]
+        if outs_wanted[1] or outs_wanted[2]:
+            res += [k.copy() if past_k is None else k, v.copy() if past_v is None else v]
+        elif outs_wanted[3]:
+            res += [None, None]
+        if outs_wanted[3]:
+            qk = {0: raw, 1: capped, 2: biased, 3: p}.get(mode)
+            if qk is None:
+                node.fail(f"qk_matmul_output_mode {mode} is not 0-3")
+            res.append(xp.broadcast_to(qk, (b, hq, sq, skv)).astype(dt))
+        return res
+    return run
+
+
+@kernel("RotaryEmbedding")
+def _rotary(node, xp):
+    interleaved = bool(node.a("interleaved", 0))
+    rot_dim = int(node.a("rotary_embedding_dim", 0) or 0)
+    num_heads = int(node.a("num_heads", 0) or 0)
+
+    def run(ins, outs, ws):
+        x, cos, sin = ins[:3]
+        pos = ins[3] if len(ins) > 3 else None
+        if pos is not None:
+            cos, sin = cos[pos], sin[pos]  # (B, S, R/2)
+        if x.ndim == 4:  # (B, H, S, D): the caches broadcast over heads
+            xs = x
+            cos, sin = cos[:, None], sin[:, None]
+        else:  # (B, S, H*D) -> (B, S, H, D)
+            if not num_heads:
+                node.fail("3-D input needs num_heads")
+            xs = x.reshape(x.shape[0], x.shape[1], num_heads, -1)
+            cos, sin = cos[:, :, None], sin[:, :, None]
+        r = rot_dim or xs.shape[-1]
+        if interleaved:
+            x1, x2 = xs[..., 0:r:2], xs[..., 1:r:2]
+        else:
+            x1, x2 = xs[..., : r // 2], xs[..., r // 2: r]
+        out = xs.copy()
+        if interleaved:
+            out[..., 0:r:2] = cos * x1 - sin * x2
+            out[..., 1:r:2] = sin * x1 + cos * x2
+        else:
+            out[..., : r // 2] = cos * x1 - sin * x2
+            out[..., r // 2: r] = sin * x1 + cos * x2
+        return out.reshape(x.shape)
+    return run
+
+
+@kernel("SwiGLU")
+def _swiglu(node, xp):
+    alpha = float(node.a("alpha", 1.0))
+
+    def run(ins, outs, ws):
+        a, g = ins
+        dt = a.dtype
+        gate = (1 / (1 + xp.exp(-dt.type(alpha) * a))).astype(dt)
+        return (a * gate * g).astype(dt)
+    return run
