@@ -1,0 +1,224 @@
+"""Detection and sampling kernels: GridSample, NonMaxSuppression, RoiAlign.
+
+GridSample is separable: each spatial axis gives its taps (1 nearest, 2 linear, 4 cubic) and
+weights per output point; their outer product is one gather of all taps and a weighted sum.
+NonMaxSuppression computes the IoU test for all box pairs at once; only the greedy walk
+over candidates (inherently sequential) runs on the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from opc.runtime.registry import kernel
+from opc.runtime.xp import host_ints, to_host
+
+CUBIC_A = -0.75
+
+
+def _reflect(xp, x, lo, hi):
+    """Fold ``x`` back into [lo, hi] by reflecting at the borders (any number of times)."""
+    rng = hi - lo
+    if rng <= 0:
+        return xp.full(x.shape, lo, dtype=x.dtype)
+    below, above = x < lo, x > hi
+    dx = xp.where(below, lo - x, x - hi)
+    n = xp.trunc(dx / rng)
+    r = dx - n * rng
+    even = (n % 2) == 0
+    from_lo, from_hi = lo + r, hi - r
+    folded = xp.where(below, xp.where(even, from_lo, from_hi), xp.where(even, from_hi, from_lo))
+    return xp.where(below | above, folded, x).astype(x.dtype)
+
+
+def _cubic_weights(xp, t):
+    a = CUBIC_A
+    t1, u, u1 = t + 1, 1 - t, 2 - t
+    return [((a * t1 - 5 * a) * t1 + 8 * a) * t1 - 4 * a,
+            ((a + 2) * t - (a + 3)) * t * t + 1,
+            ((a + 2) * u - (a + 3)) * u * u + 1,
+            ((a * u1 - 5 * a) * u1 + 8 * a) * u1 - 4 * a]
+
+
+@kernel("GridSample")
+def _grid_sample(node, xp):
+    mode = node.a("mode", "linear" if node.opset >= 20 else "bilinear")
+    mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
+    padding = node.a("padding_mode", "zeros")
+    align = bool(node.a("align_corners", 0))
+    if mode not in ("nearest", "linear", "cubic") or padding not in ("zeros", "border", "reflection"):
+        node.fail(f"mode '{mode}' / padding_mode '{padding}' is not supported")
+
+    def axis_taps(g, size):
+        """Tap indices (P, T) and weights (P, T) along one axis of length ``size``."""
+        x = ((g + 1) / 2 * (size - 1) if align else ((g + 1) * size - 1) / 2).astype(xp.float32)
+        lo, hi = (0.0, size - 1.0) if align else (-0.5, size - 0.5)
+        if mode == "nearest":
+            x = xp.rint(x)
+        if padding == "border":
+            x = xp.where((x < lo) | (x > hi), xp.clip(x, 0, size - 1), x)
+        elif padding == "reflection":
+            x = _reflect(xp, x, lo, hi)
+        if mode == "nearest":
+            idx = xp.trunc(x)[..., None]
+            w = xp.ones(idx.shape, dtype=xp.float32)
+        else:
+            x0 = xp.floor(x)
+            t = x - x0
+            if mode == "linear":
+                idx = xp.stack([x0, x0 + 1], axis=-1)
+                w = xp.stack([1 - t, t], axis=-1)
+            else:
+                idx = xp.stack([x0 - 1, x0, x0 + 1, x0 + 2], axis=-1)
+                w = xp.stack(_cubic_weights(xp, t), axis=-1)
+        if padding == "zeros":
+            w = xp.where((idx >= 0) & (idx <= size - 1), w, 0)
+        elif padding == "reflection":
+            idx = xp.trunc(_reflect(xp, idx, lo, hi))
+        idx = xp.clip(idx, 0, size - 1).astype(xp.int64)
+        return idx, w
+
+    def run(ins, outs, ws):
+        x, grid = ins
+        n, c = x.shape[:2]
+        dims = x.shape[2:]
+        nd = len(dims)
+        out_sp = grid.shape[1:-1]
+        p = int(math.prod(out_sp))
+        g = grid.reshape(n, p, nd)
+        flat = xp.zeros((n, p, 1), dtype=xp.int64)
+        weight = xp.ones((n, p, 1), dtype=xp.float32)
+        stride = 1
+        for d in range(nd - 1, -1, -1):  # the grid's last coordinate indexes the first spatial axis
+            idx, w = axis_taps(g[..., nd - 1 - d], dims[d])
+            flat = (flat[..., :, None] + idx[..., None, :] * stride).reshape(n, p, -1)
+            weight = (weight[..., :, None] * w[..., None, :]).reshape(n, p, -1)
+            stride *= dims[d]
+        taps = flat.shape[-1]
+        xt = x.reshape(n, c, -1).transpose(0, 2, 1)  # (N, S, C)
+        vals = xt[xp.arange(n).reshape(n, 1), flat.reshape(n, p * taps)]  # (N, P*T, C)
+        vals = vals.reshape(n, p, taps, c)
+        y = (vals * weight.astype(x.dtype)[..., None]).sum(axis=2)  # (N, P, C)
+        return xp.ascontiguousarray(y.transpose(0, 2, 1)).reshape((n, c) + tuple(out_sp)).astype(x.dtype)
+    return run
+
+
+def _suppression_matrix(xp, boxes, center, thr):
+    """(B, N, N) bool: box j is suppressed by box i (IoU > thr, positive areas)."""
+    b = boxes.astype(xp.float64)
+    if center:
+        x0, x1 = b[..., 0] - b[..., 2] / 2, b[..., 0] + b[..., 2] / 2
+        y0, y1 = b[..., 1] - b[..., 3] / 2, b[..., 1] + b[..., 3] / 2
+    else:  # [y1, x1, y2, x2], corners in either order
+        y0, y1 = xp.minimum(b[..., 0], b[..., 2]), xp.maximum(b[..., 0], b[..., 2])
+        x0, x1 = xp.minimum(b[..., 1], b[..., 3]), xp.maximum(b[..., 1], b[..., 3])
+    iw = xp.minimum(x1[:, :, None], x1[:, None, :]) - xp.maximum(x0[:, :, None], x0[:, None, :])
+    ih = xp.minimum(y1[:, :, None], y1[:, None, :]) - xp.maximum(y0[:, :, None], y0[:, None, :])
+    inter = xp.where((iw > 0) & (ih > 0), iw * ih, 0)
+    area = (x1 - x0) * (y1 - y0)
+    union = area[:, :, None] + area[:, None, :] - inter
+    ok = (inter > 0) & (area[:, :, None] > 0) & (area[:, None, :] > 0) & (union > 0)
+    iou = inter / xp.where(ok, union, 1)
+    return ok & (iou > thr)
+
+
+@kernel("NonMaxSuppression", dynamic=True)
+def _nms(node, xp):
+    center = int(node.a("center_point_box", 0))
+
+    def scalar(ins, i, default, cast):
+        if len(ins) > i and ins[i] is not None and ins[i].size:
+            return cast(to_host(ins[i]).reshape(-1)[0])
+        return default
+
+    def run(ins, outs, ws):
+        boxes, scores = ins[:2]
+        max_out = max(scalar(ins, 2, 0, int), 0)
+        iou_thr = scalar(ins, 3, 0.0, float)
+        score_thr = scalar(ins, 4, None, float)
+        nb, nc, n = scores.shape
+        if max_out == 0 or n == 0:
+            return xp.zeros((0, 3), dtype=xp.int64)
+        sup = to_host(_suppression_matrix(xp, boxes, center, iou_thr))
+        sc = to_host(scores)
+        picked = []
+        for bi in range(nb):
+            for ci in range(nc):
+                s = sc[bi, ci]
+                order = np.argsort(-s, kind="stable")  # equal scores: lower box index first
+                if score_thr is not None:
+                    order = order[s[order] > score_thr]
+                dead = np.zeros(n, dtype=bool)
+                kept = 0
+                for j in order:
+                    if dead[j]:
+                        continue
+                    picked.append((bi, ci, j))
+                    kept += 1
+                    if kept >= max_out:
+                        break
+                    dead |= sup[bi, j]
+        res = np.array(picked, dtype=np.int64).reshape(-1, 3)
+        return xp.asarray(res)
+    return run
+
+
+@kernel("RoiAlign")
+def _roi_align(node, xp):
+    mode = node.a("mode", "avg")
+    ph, pw = int(node.a("output_height", 1)), int(node.a("output_width", 1))
+    ratio = int(node.a("sampling_ratio", 0))
+    scale = float(node.a("spatial_scale", 1.0))
+    half = node.a("coordinate_transformation_mode", "half_pixel" if node.opset >= 16 else "output_half_pixel") \
+        == "half_pixel"
+
+    def axis(start, bin_size, pooled, grid, size):
+        """Sample positions along one axis: low/high indices, weights and validity, (pooled*grid,)."""
+        k = np.arange(pooled * grid)
+        pos = start + (k // grid) * bin_size + ((k % grid) + 0.5) * bin_size / grid
+        valid = (pos >= -1.0) & (pos <= size)
+        pos = np.maximum(pos, 0)
+        low = pos.astype(np.int64)
+        edge = low >= size - 1
+        low = np.where(edge, size - 1, low)
+        high = np.where(edge, size - 1, low + 1)
+        pos = np.where(edge, low, pos)
+        frac = pos - low
+        return low, high, np.where(valid, frac, 0), np.where(valid, 1 - frac, 0)
+
+    def run(ins, outs, ws):
+        x, rois, bidx = ins
+        n_roi = rois.shape[0]
+        c, h, w = x.shape[1:]
+        r_host = to_host(rois).astype(np.float64)
+        b_host = host_ints(bidx)
+        res = xp.empty((n_roi, c, ph, pw), dtype=x.dtype)
+        off = 0.5 if half else 0.0
+        for r in range(n_roi):
+            x0, y0, x1, y1 = (r_host[r] * scale - off).tolist()
+            rw, rh = x1 - x0, y1 - y0
+            if not half:
+                rw, rh = max(rw, 1.0), max(rh, 1.0)
+            gh = ratio if ratio > 0 else int(math.ceil(rh / ph))
+            gw = ratio if ratio > 0 else int(math.ceil(rw / pw))
+            yl, yh, ly, hy = axis(y0, rh / ph, ph, gh, h)
+            xl, xh, lx, hx = axis(x0, rw / pw, pw, gw, w)
+            img = x[b_host[r]]
+            terms = []
+            for yi, wy in ((yl, hy), (yh, ly)):
+                for xi, wx in ((xl, hx), (xh, lx)):
+                    wgt = xp.asarray((wy[:, None] * wx[None, :]).astype(np.float32)).astype(x.dtype)
+                    terms.append(img[:, xp.asarray(yi)[:, None], xp.asarray(xi)[None, :]] * wgt)
+            if gh * gw == 0:
+                res[r] = 0
+                continue
+            if mode == "avg":
+                v = (terms[0] + terms[1] + terms[2] + terms[3]).reshape(c, ph, gh, pw, gw)
+                res[r] = v.sum(axis=(2, 4)) / max(gh * gw, 1)
+            else:
+                v = xp.maximum(xp.maximum(terms[0], terms[1]), xp.maximum(terms[2], terms[3]))
+                res[r] = v.reshape(c, ph, gh, pw, gw).max(axis=(2, 4))
+        return res
+    return run
