@@ -58,32 +58,33 @@ def model_setup(name: str, calib_samples: int):
     return path, calib, es.inputs, None, "cosine"
 
 
-def uniform_configs(has_matmul: bool, prune: bool) -> list[str]:
-    """Every layer treated alike (no SQNR table: it does not change the model, only compile time)."""
-    from opc.tune import Config, pass_default
+def uniform_configs(model, objective: str, prune: bool) -> list[str]:
+    """Every layer treated alike: quantize with the pass's defaults plus the tuner's own
+    uniform candidates (``opc.tune.uniform_configs``: other calibrations, bias correction
+    and SmoothQuant switched, weight-only, and on small models channel pruning), and with
+    ``prune`` channel pruning + quantize on every model. No SQNR table: it does not
+    change the model, only compile time."""
+    from opc.tune import PRUNE_LEVELS, Config, uniform_configs as tuner_uniform
 
     plain = Config(table=False)
-    configs = [plain] + [replace(plain, calibration=c) for c in ("percentile", "entropy", "mse")]
-    configs.append(replace(plain, extra=(("bias_correction", not pass_default("quantize", "bias_correction")),)))
-    if has_matmul:
-        configs += [replace(plain, weight_only=True), replace(plain, extra=(("smoothquant", True),))]
+    configs = [plain] + [c for c, _ in tuner_uniform(model, objective)]
     if prune:
-        configs += [replace(plain, sparsity=0.25, prune_mode="channels"), replace(plain, sparsity=0.5,
-                                                                                prune_mode="channels")]
-    return [c.pipeline() for c in configs]
+        configs += [replace(plain, sparsity=s, prune_mode="channels") for s in PRUNE_LEVELS]
+    return list(dict.fromkeys(c.pipeline() for c in configs))
 
 
 def _same_model(a: str, b: str) -> bool:
-    def strip(p):
-        return p.replace("(sensitivity_samples=0)", "").replace(",sensitivity_samples=0", "")
+    return _strip(a) == _strip(b)
 
-    return strip(a) == strip(b)
+
+def _strip(p: str) -> str:
+    return p.replace("(sensitivity_samples=0)", "").replace(",sensitivity_samples=0", "")
 
 
 def run_model(name: str, args) -> tuple[dict, list[dict]]:
     import onnx
 
-    from opc.trials import Trial, make_runner
+    from opc.trials import Trial, _guarded, make_runner
     from opc.tune import _retime, tune
 
     path, calib, inputs, labels, metric = model_setup(name, args.calib_samples)
@@ -109,39 +110,42 @@ def run_model(name: str, args) -> tuple[dict, list[dict]]:
                     calibration_source=str(calib.source), eval_inputs=inputs, labels=labels, metric=metric,
                     repeats=args.repeats, threads=args.threads)
     ev = task.setup()
-    known = {r.pipeline: r for r in res.results}
-    has_matmul = any(n.op_type in ("MatMul", "Gemm") for n in model.graph.node)
+    known = {_strip(r.pipeline): r for r in res.results if r.ok}
     uniform = []
-    for i, p in enumerate(uniform_configs(has_matmul, name == "digits-cnn" or args.prune_uniform)):
-        r = known.get(p)
+    for i, p in enumerate(uniform_configs(model, args.objective, name == "digits-cnn" or args.prune_uniform)):
+        r = known.get(_strip(p))
         if r is None:
-            try:
-                r = ev(Trial(1000 + i, p, "uniform"))
-            except Exception as exc:  # noqa: BLE001 - a uniform config that fails is reported, not fatal
-                print(f"  [{name}] uniform {p}: failed: {exc}")
+            r = _guarded(ev, Trial(1000 + i, p, "uniform"))
+            if not r.ok:  # a uniform config that fails is reported, not fatal
+                print(f"  [{name}] uniform {p}: failed: {r.error}")
                 continue
         print(f"  [{name}] uniform drop {r.drop:+.4f} {r.latency_ms:.3f} ms {r.size_bytes}  {p}", flush=True)
         uniform.append(r)
     key = (lambda r: r.latency_ms) if args.objective == "latency" else (lambda r: r.size_bytes)
     feasible = [r for r in uniform if r.drop <= args.max_drop]
-    # a winner that is itself a uniform configuration (the SQNR-table option aside: same
-    # graph and weights) is timed once, under its uniform name, not twice
-    twin = next((r for r in feasible if _same_model(r.pipeline, res.best.pipeline)), None)
+    # configurations that compile to the same graph up to weight and scale values (the same
+    # structure_key: same kernels on the same shapes) are timed once, as one model
+    groups: dict[str, list] = {}
+    for r in feasible:
+        groups.setdefault(r.structure, []).append(r)
     models = {"float": ev.model}
-    if twin is None:
-        models["tuned"] = res.model
-    if args.objective == "latency":  # every feasible uniform config is re-timed with the winner
-        for r in feasible:
-            models[r.pipeline] = ev.compile(r.pipeline)[0]
-    timed = _retime(ev, models, rounds=7)
-    if twin is not None:
-        timed["tuned"] = timed.get(twin.pipeline) or _retime(ev, {"t": res.model}, 3)["t"]
     if args.objective == "latency":
-        best_u = min(feasible, key=lambda r: timed[r.pipeline]) if feasible else None
+        for k, rs in groups.items():
+            models[k] = ev.compile(rs[0].pipeline)[0]
+    tuned_key = res.best.structure if res.best.structure in groups else "tuned"
+    if tuned_key == "tuned":
+        models["tuned"] = res.model
+    timed = _retime(ev, models, rounds=args.rounds)
+    timed["tuned"] = timed[tuned_key]
+    if args.objective == "latency":
+        best_u = min(feasible, key=lambda r: (timed[r.structure], r.drop)) if feasible else None
+        if best_u is not None:
+            timed["uniform"] = timed[best_u.structure]
     else:
         best_u = min(feasible, key=key) if feasible else None
-    if best_u is not None:
-        timed["uniform"] = timed.get(best_u.pipeline) or _retime(ev, {"u": ev.compile(best_u.pipeline)[0]}, 3)["u"]
+        if best_u is not None:
+            timed["uniform"] = _retime(ev, {"u": ev.compile(best_u.pipeline)[0]}, 3)["u"]
+    twin = best_u is not None and best_u.structure == res.best.structure
     best = res.best
     size = {"float": res.baseline.size_bytes, "tuned": best.size_bytes,
             "uniform": best_u.size_bytes if best_u else None}
@@ -151,7 +155,8 @@ def run_model(name: str, args) -> tuple[dict, list[dict]]:
         "tuned_drop": round(best.drop, 4), "uniform_drop": round(best_u.drop, 4) if best_u else None,
         "float_ms": timed["float"], "uniform_ms": timed.get("uniform"), "tuned_ms": timed["tuned"],
         "tuned_vs_uniform": (timed["tuned"] / timed["uniform"]) if "uniform" in timed else None,
-        "tuned_is_uniform": twin is not None,
+        "tuned_is_uniform": any(_same_model(r.pipeline, best.pipeline) for r in uniform),
+        "same_graph_as_uniform": twin,
         "float_KiB": size["float"] / 1024, "uniform_KiB": size["uniform"] / 1024 if size["uniform"] else None,
         "tuned_KiB": size["tuned"] / 1024, "reproduced": res.reproduced, "tune_s": round(tune_s, 1),
         "uniform_pipeline": best_u.pipeline if best_u else None, "tuned_pipeline": best.pipeline,
@@ -169,6 +174,8 @@ def main(argv=None) -> None:
         p.add_argument("--objective", choices=["latency", "size"], default="latency")
         p.add_argument("--workers", type=int, default=1, help="trial processes (1: serial, steadier timings)")
         p.add_argument("--calib-samples", type=int, default=16, help="calibration samples for zoo models")
+        p.add_argument("--rounds", type=int, default=11, help="interleaved rounds of the final timing")
+        p.add_argument("--strategy", choices=["greedy", "tpe"], default="greedy", help="the tuner's search strategy")
         p.add_argument("--prune-uniform", action="store_true",
                        help="also compare uniform channel pruning on zoo models (minutes per config here)")
 
@@ -184,10 +191,14 @@ def main(argv=None) -> None:
         fronts += front
     settings = {"trials": args.trials, "max_drop": args.max_drop, "objective": args.objective,
                 "repeats": args.repeats, "threads": args.threads, "workers": args.workers,
-                "latency_batch": 1, "calib_samples": args.calib_samples}
+                "latency_batch": 1, "calib_samples": args.calib_samples, "rounds": args.rounds,
+                "strategy": args.strategy}
     notes = ["latency columns: CPU time of the single ONNX Runtime thread per run (equal to wall time on an "
-             "idle core; other jobs on this shared machine do not inflate it), medians of 7 interleaved rounds "
-             "measured at the end, in one process",
+             "idle core; other jobs on this shared machine do not inflate it), medians of interleaved rounds "
+             "(two sessions per model) measured at the end, in one process",
+             "configurations that compile to the same graph up to weight and scale values (same nodes, shapes "
+             "and zero/nonzero zero points: the same kernels) are timed once as one model; same_graph_as_uniform "
+             "marks a winner that is such a twin of the best uniform configuration (ratio 1 by construction)",
              "tuned_vs_uniform < 1 means the tuned model is faster than the best uniform configuration "
              "that meets the same budget"]
     report("tune", rows, title="opc tune vs the best uniform configuration", settings=settings, notes=notes,

@@ -57,6 +57,7 @@ class TrialResult:
     rel_latency: float | None = None  # latency / the float model's, timed in alternating rounds
     size_bytes: int | None = None
     sha256: str | None = None
+    structure: str | None = None  # hash of the graph without weight values: equal = same kernels, same cost
     compile_s: float = 0.0
     time_s: float = 0.0
     error: str | None = None

@@ -16,10 +16,13 @@ finishes first):
 2. ``sensitivity``: quantize every layer once; the quantize pass's per-layer SQNR table
    ranks the layers (lowest SQNR = most sensitive). Without a table the first and last
    layers are taken as the most sensitive.
-3. ``calibration`` (only if step 2 misses the budget): the other calibration methods,
-   bias correction switched, and SmoothQuant and weight-only quantization when the model
-   has MatMul/Gemm layers; the one with the smallest drop is the base for step 4.
-4. ``fallback`` (only if still no configuration meets the budget): keep the k most
+3. ``uniform``: every other configuration that treats all layers alike
+   (``uniform_configs``: the other calibration methods, bias correction and SmoothQuant
+   switched, weight-only quantization where there are MatMul/Gemm layers, 25%/50% channel
+   pruning on small models): they are what a per-layer choice has to beat, so they are
+   candidates inside the trial budget; the static one with the smallest drop is the base
+   for step 4.
+4. ``fallback`` (only if no static int8 configuration meets the budget): keep the k most
    sensitive layers in float; k doubles until the budget holds, then a bisection finds
    the smallest such k. At least one layer always stays quantized.
 5. ``improve``: greedy hill climbing from the best configuration that meets the budget:
@@ -29,13 +32,17 @@ finishes first):
    removed physically, so the model gets faster and smaller). A move is taken when it meets the budget and beats the incumbent's
    objective (latency by more than the timing noise margin); moves are tried in a
    seeded order within each kind.
-6. ``final`` (latency only): the best few candidates and the float model are re-timed
-   one after another in this process, interleaved, so that the winner is not picked
-   on timings disturbed by concurrently running workers.
+6. ``final`` (latency only): the best few candidates, every uniform configuration that
+   meets the budget and the float model are re-timed together in this process
+   (interleaved rounds, two sessions each, CPU time, medians), so that the winner is not
+   picked on timings disturbed by concurrently running workers. Trials that compile to
+   the same graph up to weight and scale values (``structure_key``) are one candidate
+   timed once, represented by the smallest drop; within ``FINAL_TIE`` of the fastest,
+   the candidate with the fewest changes from uniform quantization wins.
 
 ``--log`` writes one JSON object per trial as it finishes (index, phase, note, pipeline,
-metric, drop, latency_ms, latency_spread_ms, rel_latency, size_bytes, sha256, compile_s,
-time_s, error, worker, details) and, for latency, a last ``{"phase": "final",
+metric, drop, latency_ms, latency_spread_ms, rel_latency, size_bytes, sha256, structure,
+compile_s, time_s, error, worker, details) and, for latency, a last ``{"phase": "final",
 "retimed_ms": {...}, "winner": ...}`` line.
 
 Metrics are scores where higher is better; ``drop`` = score(float model) - score(candidate):
@@ -243,6 +250,30 @@ def measure_relative(session, reference, feeds: dict, repeats: int, warmup: int,
     return float(q[1]), float(q[2] - q[0]), float(statistics.median(ratios))
 
 
+def structure_key(model: onnx.ModelProto) -> str:
+    """A hash of the graph that ignores weight and scale values: nodes (types, attributes,
+    wiring), every initializer's name, type and shape, and whether an integer initializer
+    is all zeros (zero points: ONNX Runtime's integer GEMMs skip work for zero ones). Two
+    models with the same key run the same kernels on the same shapes, so they cost the
+    same time; configurations that differ only in calibration compile to such twins."""
+    from onnx import numpy_helper
+
+    h = hashlib.sha256()
+    g = model.graph
+    for n in g.node:
+        h.update(f"{n.domain}:{n.op_type}|{','.join(n.input)}|{','.join(n.output)}|".encode())
+        for a in n.attribute:
+            h.update(a.SerializeToString(deterministic=True))
+    integer = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+               onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+    for t in g.initializer:
+        value = (b"1" if np.any(numpy_helper.to_array(t)) else b"0") if t.data_type in integer else b""
+        h.update(f"{t.name}|{t.data_type}|{tuple(t.dims)}|".encode() + value)
+    for v in list(g.input) + list(g.output):
+        h.update(v.SerializeToString(deterministic=True))
+    return h.hexdigest()
+
+
 class Evaluator:
     """Compiles a trial's pipeline and measures metric drop, latency and size."""
 
@@ -299,13 +330,14 @@ class Evaluator:
         details = {}
         for record in report.passes:
             table = record.details.get("sensitivity")
-            if table and trial.phase in ("sensitivity", "calibration"):
+            if table and trial.phase in ("sensitivity", "uniform"):
                 details.setdefault("sensitivity", table)
         return TrialResult(
             index=trial.index, pipeline=trial.pipeline, phase=trial.phase, note=trial.note,
             metric=score, drop=self.baseline_score - score, latency_ms=latency, latency_spread_ms=spread,
             rel_latency=relative,
-            size_bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest(), compile_s=compile_s,
+            size_bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest(), structure=structure_key(model),
+            compile_s=compile_s,
             time_s=time.perf_counter() - started, worker=f"pid{os.getpid()}", details=details,
         )
 
@@ -320,8 +352,9 @@ class Config:
     calibration: str | None = None  # None: the quantize pass's default
     weight_only: bool = False
     extra: tuple[tuple[str, Any], ...] = ()  # further quantize options, e.g. (("bias_correction", True),)
-    sparsity: float = 0.0  # 0: no prune pass
+    sparsity: float = 0.0  # 0 and no prune_layers: no prune pass
     prune_mode: str | None = None
+    prune_layers: tuple[tuple[str, float], ...] = ()  # per-node sparsity overrides (prune's layers={...})
     # the quantize pass's per-layer SQNR table costs more than the quantization itself; only
     # the sensitivity and calibration phases read it, every other trial turns it off
     table: bool = True
@@ -331,8 +364,11 @@ class Config:
         from opc.registry import get_pass_class
 
         passes = [get_pass_class("fold")()]
-        if self.sparsity > 0:
-            passes.append(_make_pass("prune", {"sparsity": self.sparsity, "mode": self.prune_mode}))
+        if self.sparsity > 0 or self.prune_layers:
+            options = {"sparsity": self.sparsity, "mode": self.prune_mode}
+            if self.prune_layers:
+                options["layers"] = dict(sorted(self.prune_layers))
+            passes.append(_make_pass("prune", options))
         if self.quantize:
             options = {"exclude": tuple(sorted(self.exclude)), "calibration": self.calibration,
                        "weight_only": self.weight_only or None}
@@ -608,44 +644,28 @@ class _Search:
         if not first.ok:
             raise OpcError(f"quantizing every layer failed: {first.error}")
         table = first.details.get("sensitivity")
-        base = Config()
-        if not self.meets(first):
-            base, table = self.calibration_phase(first, table)
+        base = self.uniform_phase(first)
         order = fallback_order(self.model, table)
         self.order = order
-        if not any(self.meets(r) and not self.config_of.get(r.pipeline, Config()).weight_only
-                   for r in self.results):
+        if not any(self.meets(r) and _static(self.config_of.get(r.pipeline, Config())) for r in self.results):
             self.fallback_phase(base, order)
         self.improve_phase(order)
 
-    def calibration_phase(self, first: TrialResult, table):
-        default = pass_default("quantize", "calibration")
-        # "random" calibrates on synthetic data: never a way to recover accuracy
-        # the first trial's SQNR table ranks the layers; these trials skip theirs (it is slow)
-        plain = Config(table=False)
-        items = [(replace(plain, calibration=c), "calibration", f"calibration={c}")
-                 for c in pass_choices("quantize", "calibration") if c not in (default, "random")]
-        bias = pass_default("quantize", "bias_correction")
-        if bias is not None:  # whichever way the pass defaults, try the other
-            items.append((replace(plain, extra=(("bias_correction", not bias),)), "calibration",
-                          f"bias correction {'off' if bias else 'on'}"))
-        if self.has_matmul and has_option("quantize", "smoothquant"):
-            # the pass's default (none) turns SmoothQuant on by itself for such graphs: try the other way
-            on = pass_default("quantize", "smoothquant") is not False
-            items.append((replace(plain, extra=(("smoothquant", not on),)), "calibration",
-                          f"smoothquant {'off' if on else 'on'}"))
-        if self.has_matmul and pass_default("quantize", "weight_only") is not None:
-            items.append((replace(plain, weight_only=True), "calibration", "weight-only"))
+    def uniform_phase(self, first: TrialResult) -> Config:
+        """Every uniform configuration (``uniform_configs``) as a trial: they are the
+        candidates a per-layer search must beat, and the bases it falls back from.
+        Returns the static configuration with the smallest drop (the fallback's base)."""
+        items = [(c, "uniform", note) for c, note in uniform_configs(self.model, self.objective)]
         results = [first]
         for start in range(0, len(items), self.batch()):
             if self.left() <= 0:
                 break
             results += self.evaluate(items[start:start + self.batch()])
         # the fallback keeps layers in float from the best *static* configuration: a
-        # weight-only one that meets the budget is a candidate, not a reason to stop here
-        static = [r for r in results if r.ok and not self.config_of.get(r.pipeline, Config()).weight_only]
+        # weight-only (or pruned) one that meets the budget is a candidate, not a base
+        static = [r for r in results if r.ok and _static(self.config_of.get(r.pipeline, Config()))]
         pick = min(static or [first], key=lambda r: (r.drop, r.index))
-        return self.config_of.get(pick.pipeline, Config()), table
+        return self.config_of.get(pick.pipeline, Config())
 
     def fallback_phase(self, base: Config, order: list[str]) -> None:
         n = len(order)
@@ -750,29 +770,122 @@ class _Search:
             current = improved
 
 
+def _static(cfg: Config) -> bool:
+    """Static int8 quantization of every layer it covers, nothing pruned."""
+    return cfg.quantize and not cfg.weight_only and cfg.sparsity == 0 and not cfg.prune_layers
+
+
+PRUNE_UNIFORM_MAX_PARAMS = 1_000_000  # uniform channel pruning is a uniform candidate up to this size
+
+
+def uniform_configs(model: onnx.ModelProto, objective: str = "latency") -> list[tuple[Config, str]]:
+    """Configurations that treat every layer alike, besides quantizing all with the pass's
+    defaults (the sensitivity trial): the other calibration methods ("random" calibrates
+    on synthetic data), bias correction and SmoothQuant switched, weight-only quantization
+    where there are MatMul/Gemm layers, and on small models (channel pruning with
+    reconstruction costs seconds per million weights) 25% and 50% channel pruning."""
+    counts = Counter(n.op_type for n in model.graph.node)
+    matmul = sum(counts[o] for o in MATMUL_OPS)
+    plain = Config(table=False)
+    out = []
+    default = pass_default("quantize", "calibration")
+    out += [(replace(plain, calibration=c), f"calibration={c}")
+            for c in pass_choices("quantize", "calibration") if c not in (default, "random")]
+    bias = pass_default("quantize", "bias_correction")
+    if bias is not None:  # whichever way the pass defaults, try the other
+        out.append((replace(plain, extra=(("bias_correction", not bias),)), f"bias correction {'off' if bias else 'on'}"))
+    if matmul and has_option("quantize", "smoothquant"):
+        # the pass's default (None) turns SmoothQuant on where MatMul/Gemm outnumber Conv
+        sq = pass_default("quantize", "smoothquant")
+        on = matmul > counts["Conv"] + counts["ConvTranspose"] if sq is None else bool(sq)
+        out.append((replace(plain, extra=(("smoothquant", not on),)), f"smoothquant {'off' if on else 'on'}"))
+    if matmul and pass_default("quantize", "weight_only") is not None:
+        out.append((replace(plain, weight_only=True), "weight-only"))
+    if "channels" in pass_choices("prune", "mode"):
+        params = sum(math.prod(t.dims) for t in model.graph.initializer)
+        if params <= PRUNE_UNIFORM_MAX_PARAMS and matmul + counts["Conv"] + counts["ConvTranspose"]:
+            out += [(replace(plain, sparsity=s, prune_mode=_mode("channels")), f"prune channels {s}")
+                    for s in PRUNE_LEVELS]
+    return out
+
+
+def _mode(mode: str) -> str | None:
+    return None if mode == pass_default("prune", "mode") else mode
+
+
 def _changes(cfg: Config | None) -> int:
     """How far a configuration is from quantizing every layer alike (a tie-break)."""
     if cfg is None:
         return 1 << 30
-    return (len(cfg.exclude) + len(cfg.extra) + int(cfg.weight_only) + int(cfg.sparsity > 0)
+    return (len(cfg.exclude) + len(cfg.extra) + int(cfg.weight_only) + int(cfg.sparsity > 0) + len(cfg.prune_layers)
             + int(cfg.calibration is not None))
 
 
-def _retime(evaluator: "Evaluator", models: dict[str, onnx.ModelProto], rounds: int) -> dict[str, float]:
-    """Interleaved serial timing: each round times every model once; medians across rounds."""
-    sessions = {k: evaluator.session(m) for k, m in models.items()}
-    per = {k: [] for k in models}
-    reps = {}
-    for k, sess in sessions.items():
+def _retime(evaluator: "Evaluator", models: dict[str, onnx.ModelProto], rounds: int,
+            sessions: int = 2) -> dict[str, float]:
+    """Interleaved serial timing of ``models`` (median ms each, CPU time of the ORT thread).
+
+    Every model gets ``sessions`` ONNX Runtime sessions (one session's memory layout can
+    make it a few percent faster or slower than another of the same model); each round
+    times every session once, forwards in even rounds and backwards in odd ones, so slow
+    spells of a shared machine fall on all models alike. A model's round value is the
+    mean over its sessions; its result the median over rounds."""
+    made = [(k, evaluator.session(m)) for _ in range(max(1, sessions)) for k, m in models.items()]
+    reps = []
+    for _, sess in made:
         t0 = time.perf_counter()
         for _ in range(3):
             sess.run(None, evaluator.latency_feeds)
-        reps[k] = _reps(max(3, evaluator.task.repeats // rounds), (time.perf_counter() - t0) * 1000 / 3)
-    for _ in range(rounds):
-        for k, sess in sessions.items():
-            per[k].append(measure_latency(sess, evaluator.latency_feeds, reps[k], 1,
-                                          clock=latency_clock(evaluator.task.threads))[0])
+        reps.append(_reps(max(3, evaluator.task.repeats // rounds), (time.perf_counter() - t0) * 1000 / 3))
+    clock = latency_clock(evaluator.task.threads)
+    per = {k: [] for k in models}
+    for i in range(rounds):
+        values: dict[str, list[float]] = {k: [] for k in models}
+        order = list(range(len(made))) if i % 2 == 0 else list(range(len(made)))[::-1]
+        for j in order:
+            k, sess = made[j]
+            values[k].append(measure_latency(sess, evaluator.latency_feeds, reps[j], 1, clock=clock)[0])
+        for k, v in values.items():
+            per[k].append(statistics.fmean(v))
     return {k: statistics.median(v) for k, v in per.items()}
+
+
+def twins(results: Iterable[TrialResult]) -> dict[str, list[TrialResult]]:
+    """Trials grouped by ``structure`` (the same graph up to weight and scale values)."""
+    groups: dict[str, list[TrialResult]] = {}
+    for r in results:
+        groups.setdefault(r.structure or r.sha256 or r.pipeline, []).append(r)
+    return groups
+
+
+def _final_choice(search: "_Search", evaluator: "Evaluator", feasible: list[TrialResult], finalists: int,
+                  models: dict[str, onnx.ModelProto]) -> tuple[TrialResult, dict[str, float]]:
+    """The latency winner among the fastest few trials and every uniform configuration.
+
+    Trial timings come from different moments (and, with a pool, from concurrently
+    running workers), so near-equal candidates are re-timed together here (``_retime``).
+    Trials that compiled to the same graph up to weight values (``structure_key``) are
+    one candidate, timed once, represented by its smallest drop: timing noise between
+    twins cannot pick a slower one. Candidates within FINAL_TIE of the fastest count as
+    equal; the one with the fewest changes from uniform quantization wins."""
+    chosen = feasible[:finalists] + [r for r in feasible if r.phase in ("sensitivity", "uniform")]
+    chosen = list({r.pipeline: r for r in chosen}.values())
+    groups = twins(chosen)
+    reps = {key: min(rs, key=lambda r: (r.drop, _changes(search.config_of.get(r.pipeline)), r.index))
+            for key, rs in groups.items()}
+    for r in reps.values():
+        if r.pipeline not in models:
+            models[r.pipeline] = evaluator.compile(r.pipeline)[0]
+    timed_reps = _retime(evaluator, {**{r.pipeline: models[r.pipeline] for r in reps.values()},
+                                     "<float>": evaluator.model}, rounds=9)
+    timed = {"<float>": timed_reps["<float>"]}
+    for key, rs in groups.items():
+        for r in rs:
+            timed[r.pipeline] = timed_reps[reps[key].pipeline]
+    fastest = min(timed_reps[r.pipeline] for r in reps.values())
+    close = [r for r in reps.values() if timed_reps[r.pipeline] <= fastest * (1 + FINAL_TIE)]
+    best = min(close, key=lambda r: (_changes(search.config_of.get(r.pipeline)), timed_reps[r.pipeline], r.index))
+    return best, timed
 
 
 def tune(model: onnx.ModelProto | str | Path, calibration, eval_data, *, labels=None, metric: str = "top1",
@@ -837,21 +950,8 @@ def tune(model: onnx.ModelProto | str | Path, calibration, eval_data, *, labels=
         feasible = sorted((r for r in search.results if search.meets(r)), key=lambda r: (search.key(r), r.drop))
         models = {best.pipeline: evaluator.compile(best.pipeline)[0]}
         if objective == "latency" and len(feasible) > 1 and finalists > 1 and not interrupted:
-            # the fastest few by the search's own timing, plus every configuration that
-            # treats all layers alike (trial timings on a busy machine are noisy: a "keep one
-            # layer in float" move can win by luck)
-            chosen = feasible[:finalists] + [r for r in feasible if r.phase in ("sensitivity", "calibration")]
-            chosen = list({r.pipeline: r for r in chosen}.values())
-            for r in chosen:
-                if r.pipeline not in models:
-                    models[r.pipeline] = evaluator.compile(r.pipeline)[0]
-            timed = _retime(evaluator, {**{r.pipeline: models[r.pipeline] for r in chosen},
-                                        "<float>": evaluator.model}, rounds=7)
+            best, timed = _final_choice(search, evaluator, feasible, finalists, models)
             result.final_timing = timed
-            fastest = min(timed[r.pipeline] for r in chosen)
-            # within 2% of the fastest is a tie: take the configuration with the fewest changes
-            close = [r for r in chosen if timed[r.pipeline] <= fastest * (1 + FINAL_TIE)]
-            best = min(close, key=lambda r: (_changes(search.config_of.get(r.pipeline)), timed[r.pipeline]))
             if log_file:
                 log_file.write(json.dumps({"phase": "final", "retimed_ms": timed, "winner": best.pipeline}) + "\n")
         result.best = best

@@ -19,7 +19,8 @@ import opc
 from opc.cli import main
 from opc.pipeline import canonicalize, parse_pipeline
 from opc.trials import ProcessPoolRunner, SerialRunner, Trial, TrialResult
-from opc.tune import (Config, _Search, cosine, fallback_order, mse, pareto_front, resolve_metric, top1, tune)
+from opc.tune import (Config, _Search, cosine, fallback_order, mse, pareto_front, resolve_metric, structure_key, top1,
+                      tune, uniform_configs)
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ class FakeTask:
             return TrialResult(index=trial.index, pipeline=trial.pipeline, phase=trial.phase, note=trial.note,
                                metric=1.0, drop=0.0, latency_ms=9.5, size_bytes=80, worker=str(os.getpid()))
         details, acc = {}, 0.0
-        if trial.phase in ("sensitivity", "calibration"):
+        if trial.phase in ("sensitivity", "uniform"):
             table = []
             for n in self.costs:
                 acc += self.costs[n]
@@ -140,7 +141,11 @@ def test_uniform_quantization_within_budget_needs_no_fallback():
     s = _search({"a": 0.001, "b": 0.002, "c": 0.001}, max_drop=0.01, trials=6)
     phases = [r.phase for r in s.results]
     assert phases[:2] == ["baseline", "sensitivity"]
-    assert "fallback" not in phases and "calibration" not in phases
+    assert "fallback" not in phases
+    # the uniform configurations are candidates too: other calibrations, bias correction switched
+    assert phases[2:6] == ["uniform"] * 4 and phases[6:] == ["improve"]
+    assert {r.note for r in s.results[2:6]} == {"calibration=percentile", "calibration=entropy", "calibration=mse",
+                                                "bias correction off"}
     best = s.best()
     assert s.meets(best) and best.pipeline == "fold,quantize"  # every layer quantized is fastest here
     assert s.used <= 6
@@ -152,7 +157,7 @@ def test_fallback_keeps_the_most_sensitive_layer_in_float():
     assert s.meets(best)
     assert best.pipeline == "fold,quantize(exclude=[b],sensitivity_samples=0)"
     assert best.drop == pytest.approx(0.008)
-    assert "calibration" in [r.phase for r in s.results]  # tried before falling back
+    assert "uniform" in [r.phase for r in s.results]  # tried before falling back
     assert s.used <= 20
     # no configuration twice, also not one that differs only in the SQNR table option
     same = [r.pipeline.replace("(sensitivity_samples=0)", "").replace(",sensitivity_samples=0", "")
@@ -176,7 +181,7 @@ def test_fallback_bisects_to_the_smallest_float_set():
 def test_a_weight_only_config_that_meets_the_budget_does_not_stop_the_fallback():
     s = _search({"a": 0.001, "b": 0.001, "c": 0.02}, max_drop=0.01, trials=20, op="MatMul")
     wo = [r for r in s.results if "weight_only=true" in r.pipeline]
-    assert wo and s.meets(wo[0]) and wo[0].phase == "calibration"
+    assert wo and s.meets(wo[0]) and wo[0].phase == "uniform"
     assert any(r.phase == "fallback" for r in s.results)
     assert s.best().pipeline == "fold,quantize(exclude=[c],sensitivity_samples=0)"  # 8 ms beats 9.5 ms
 
@@ -361,7 +366,12 @@ def test_latency_winner_is_picked_by_the_final_interleaved_timing(digits_assets,
     from opc.tune import FINAL_TIE
 
     log = tmp_path / "t.jsonl"
-    res = tune(digits_assets["model"], digits_assets["calib"], digits_assets["eval"], trials=3, repeats=4, log=log)
+    res = tune(digits_assets["model"], digits_assets["calib"], digits_assets["eval"], trials=5, repeats=4, log=log)
+    # the sensitivity trial and four uniform ones (other calibrations, bias correction off) compile
+    # to twins (the same graph, other scales): one candidate, timed once, the smallest drop wins
+    uniform = [r for r in res.results if r.phase in ("sensitivity", "uniform")]
+    assert len(uniform) == 5 and len({r.structure for r in uniform}) == 1
+    assert len({res.final_timing[r.pipeline] for r in uniform if r.drop <= 0.01}) == 1
     timed = dict(res.final_timing)
     assert "<float>" in timed and res.pipeline in timed and len(timed) >= 3  # float + at least two finalists
     float_ms = timed.pop("<float>")
@@ -369,3 +379,36 @@ def test_latency_winner_is_picked_by_the_final_interleaved_timing(digits_assets,
     assert timed[res.pipeline] <= min(timed.values()) * (1 + FINAL_TIE)
     final = [json.loads(x) for x in log.read_text().splitlines()][-1]
     assert final["phase"] == "final" and final["winner"] == res.pipeline
+    assert res.best.drop == min(r.drop for r in uniform)
+
+
+def test_structure_key_ignores_weight_values_but_not_the_graph(digits_assets):
+    def compiled(p):
+        return opc.compile(str(digits_assets["model"]), passes=p, calibration=str(digits_assets["calib"]))[0]
+
+    plain, mse_calib = compiled("fold,quantize"), compiled("fold,quantize(calibration=mse)")
+    assert plain.SerializeToString() != mse_calib.SerializeToString()  # other scales and zero points
+    assert structure_key(plain) == structure_key(mse_calib)  # same kernels on the same shapes
+    first = next(n.name for n in onnx.load(str(digits_assets["model"])).graph.node if n.op_type == "Conv")
+    assert structure_key(compiled(f"fold,quantize(exclude=[{first}])")) != structure_key(plain)
+    # a zero point that becomes nonzero changes the key (integer GEMMs skip work for zero ones)
+    zp = next(t for t in mse_calib.graph.initializer if t.data_type == onnx.TensorProto.INT8 and not any(t.int32_data)
+              and not any(onnx.numpy_helper.to_array(t).reshape(-1)))
+    zp.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(zp) + 1, zp.name))
+    assert structure_key(mse_calib) != structure_key(plain)
+
+
+def test_uniform_configs_are_the_benchmarks_baselines(digits_assets):
+    model = onnx.load(str(digits_assets["model"]))
+    notes = [note for _, note in uniform_configs(model)]
+    assert notes == ["calibration=percentile", "calibration=entropy", "calibration=mse", "bias correction off",
+                     "smoothquant on", "weight-only", "prune channels 0.25", "prune channels 0.5"]
+    # big models leave channel pruning (seconds per million weights) to the improve phase
+    from opc import tune as tune_module
+
+    small = tune_module.PRUNE_UNIFORM_MAX_PARAMS
+    try:
+        tune_module.PRUNE_UNIFORM_MAX_PARAMS = 10
+        assert not any("prune" in note for _, note in uniform_configs(model))
+    finally:
+        tune_module.PRUNE_UNIFORM_MAX_PARAMS = small
