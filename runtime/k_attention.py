@@ -1,4 +1,5 @@
-"""Transformer kernels: Attention (opset 23-25), RotaryEmbedding, SwiGLU.
+"""Transformer and sequence-mixing kernels: Attention (opset 23-25), RotaryEmbedding, SwiGLU,
+LinearAttention, CausalConvWithState.
 
 Attention keeps grouped-query heads grouped: Q's heads are viewed as (kv_heads, group) so one
 batched GEMM per KV head serves its whole group, with no repeated copy of K and V. Masks
@@ -180,4 +181,77 @@ def _swiglu(node, xp):
         dt = a.dtype
         gate = (1 / (1 + xp.exp(-dt.type(alpha) * a))).astype(dt)
         return (a * gate * g).astype(dt)
+    return run
+
+
+@kernel("LinearAttention")
+def _linear_attention(node, xp):
+    rule = node.a("update_rule", "gated_delta")
+    q_heads, kv_heads = node.a("q_num_heads"), node.a("kv_num_heads")
+    scale_attr = float(node.a("scale", 0.0) or 0.0)
+    if rule not in ("linear", "gated", "delta", "gated_delta"):
+        node.fail(f"update_rule '{rule}' is not linear/gated/delta/gated_delta")
+    if not q_heads or not kv_heads or q_heads % kv_heads:
+        node.fail("q_num_heads must be a positive multiple of kv_num_heads")
+    gated, delta = rule in ("gated", "gated_delta"), rule in ("delta", "gated_delta")
+
+    def run(ins, outs, ws):
+        q, k, v = ins[:3]
+        past, decay, beta = (ins[i] if len(ins) > i else None for i in range(3, 6))
+        if (decay is None) == gated or (beta is None) == delta:
+            node.fail(f"update_rule '{rule}' needs decay {'given' if gated else 'omitted'} "
+                      f"and beta {'given' if delta else 'omitted'}")
+        f32 = xp.float32
+        b, t = q.shape[:2]
+        group = q_heads // kv_heads
+        q4 = _heads(q, q_heads).astype(f32).reshape(b, kv_heads, group, t, -1)
+        k4, v4 = _heads(k, kv_heads).astype(f32), _heads(v, kv_heads).astype(f32)
+        dk, dv = k4.shape[-1], v4.shape[-1]
+        if gated:  # per head (B, T, Hkv) or per key channel (B, T, Hkv*dk): a decay of the state rows
+            g = xp.exp(_heads(decay, kv_heads).astype(f32))  # (B, Hkv, T, 1 or dk)
+        if delta:
+            bt = beta.reshape(b, t, beta.shape[-1]).transpose(0, 2, 1).astype(f32)  # (B, Hkv or 1, T)
+        state = past.astype(f32) if past is not None else xp.zeros((b, kv_heads, dk, dv), dtype=f32)
+        scale = scale_attr or 1.0 / math.sqrt(dk)
+        y = xp.empty((b, kv_heads, group, t, dv), dtype=f32)
+        for i in range(t):  # the recurrence: state_i = decay_i * state_(i-1) + k_i (x) v_i
+            ki, vi = k4[:, :, i], v4[:, :, i]
+            if gated:
+                state = state * g[:, :, i][..., None]
+            if delta:  # write only what the state does not already predict for k_i
+                vi = bt[:, :, i][..., None] * (vi - xp.matmul(ki[:, :, None, :], state)[:, :, 0])
+            state = state + ki[..., :, None] * vi[..., None, :]
+            y[:, :, :, i] = xp.matmul(q4[:, :, :, i], state) * f32(scale)
+        out = y.reshape(b, q_heads, t, dv).transpose(0, 2, 1, 3).reshape(b, t, q_heads * dv)
+        res = out.astype(q.dtype)
+        return [res, state.astype(past.dtype if past is not None else q.dtype)]
+    return run
+
+
+@kernel("CausalConvWithState")
+def _causal_conv(node, xp):
+    act = node.a("activation", "none")
+    if act not in ("none", "silu", "swish"):
+        node.fail(f"activation '{act}' is not none/silu/swish")
+
+    def run(ins, outs, ws):
+        x, w = ins[:2]
+        bias, past = (ins[i] if len(ins) > i else None for i in (2, 3))
+        n, c, length = x.shape
+        k = w.shape[2]
+        if past is None:
+            past = xp.zeros((n, c, k - 1), dtype=x.dtype)
+        padded = xp.concatenate([past, x], axis=2)
+        # depthwise causal conv: one multiply-add per tap over the whole sequence
+        acc = xp.float32 if x.dtype.itemsize < 4 else x.dtype  # fp16 sums in fp32, as a GEMM would
+        y = xp.zeros((n, c, length), dtype=acc)
+        for j in range(k):
+            y += w[:, 0, j].reshape(1, c, 1).astype(acc) * padded[:, :, j:j + length]
+        y = y.astype(x.dtype)
+        if bias is not None:
+            y += bias.reshape(1, c, 1)
+        if act != "none":
+            y32 = y.astype(xp.float32)
+            y = (y32 / (1 + xp.exp(-y32))).astype(x.dtype)
+        return [y, xp.ascontiguousarray(padded[:, :, padded.shape[2] - (k - 1):])]
     return run
