@@ -239,29 +239,18 @@ def _lstm_weights(xp, cache, w, r, b, H):
 
 def _lstm_fast(node, xp, x, weights, h0, c0, seq, batch, dirs, H, layout):
     """Default activations, no clip/peepholes/lengths: the input projection of all steps is one
-    GEMM; each step is one (batch, H) x (H, 4H) GEMM and eight in-place element-wise calls on
-    preallocated buffers (the step loop is Python-bound at small batch).
-
-    sigmoid(v) = 0.5 * tanh(v / 2) + 0.5: with the o, i, f columns pre-halved, one tanh over all
-    four gates serves the three sigmoids and the cell candidate. The gates sit as (o, i, f, g)
-    in a (batch, 5H) buffer followed by the cell state c, so [i, f] * [g, c] is one multiply
-    and c = i*g + f*c one add."""
+    GEMM; each step is one (batch, H) x (H, 4H) GEMM and eight element-wise calls on
+    preallocated buffers (``_lstm_steps``; the step loop is Python-bound at small batch)."""
     direction = node.a("direction", "forward")
     dt = x.dtype
     ys = xp.empty((seq, dirs, batch, H), dtype=dt)
-    zz = xp.empty((batch, 5 * H), dtype=dt)
-    prod = xp.empty((batch, 2 * H), dtype=dt)
-    tmp = xp.empty((batch, H), dtype=dt)
-    z, s, o, fi, gc, c = zz[:, :4 * H], zz[:, :3 * H], zz[:, :H], zz[:, H:3 * H], zz[:, 3 * H:], zz[:, 4 * H:]
-    p_ig, p_fc = prod[:, :H], prod[:, H:]
-    half = dt.type(0.5)
-    mul, add, tanh, matmul = xp.multiply, xp.add, xp.tanh, xp.matmul
+    bufs = _step_buffers(xp, batch, H, dt)
+    c = bufs[-1]
     x2 = x.reshape(seq * batch, x.shape[2])
-    direct = batch == 1 or is_numpy(xp)  # z is a strided view for batch > 1: only NumPy's matmul takes that out=
     hs, cs = [], []
     for d in range(dirs):
         wt, rt, bs = weights[d]
-        xw = matmul(x2, wt).reshape(seq, batch, 4 * H)
+        xw = xp.matmul(x2, wt).reshape(seq, batch, 4 * H)
         xw += bs
         h = h0[d].astype(dt) if h0 is not None else xp.zeros((batch, H), dtype=dt)
         if c0 is not None:
@@ -269,21 +258,262 @@ def _lstm_fast(node, xp, x, weights, h0, c0, seq, batch, dirs, H, layout):
         else:
             c[...] = 0
         reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
-        for step in range(seq):
-            t = seq - 1 - step if reverse else step
-            if direct:
-                matmul(h, rt, out=z)
-                add(z, xw[t], out=z)
-            else:
-                add(matmul(h, rt), xw[t], out=z)
-            tanh(z, out=z)
-            mul(s, half, out=s)
-            add(s, half, out=s)
-            mul(fi, gc, out=prod)
-            add(p_ig, p_fc, out=c)
-            tanh(c, out=tmp)
-            h = ys[t, d]
-            mul(o, tmp, out=h)
+        order = range(seq - 1, -1, -1) if reverse else range(seq)
+        h = _lstm_steps(xp, bufs, rt, xw, h, [(t, ys[t, d]) for t in order])
         hs.append(h)
         cs.append(c.copy())
     return _outputs(node, xp, ys, [(h, c) for h, c in zip(hs, cs)], layout, 2)
+
+
+def _step_buffers(xp, batch, H, dt):
+    """The gates (o, i, f, g) in a (batch, 5H) buffer followed by the cell state c, the
+    products and a tanh(c) scratch; the last item is the cell state."""
+    zz = xp.empty((batch, 5 * H), dtype=dt)
+    prod = xp.empty((batch, 2 * H), dtype=dt)
+    tmp = xp.empty((batch, H), dtype=dt)
+    return zz, prod, tmp, xp.asarray(0.5, dtype=dt), zz[:, 4 * H:]
+
+
+def _lstm_steps(xp, bufs, rt, xw, h, steps):
+    """Run LSTM steps ``(t, out)`` from state ``h`` (and the cell state in ``bufs``): gates
+    z = h @ rt + xw[t], then h -> ``out`` (returned: the last step's h).
+
+    sigmoid(v) = 0.5 * tanh(v / 2) + 0.5: with the o, i, f columns pre-halved, one tanh over all
+    four gates serves the three sigmoids and the cell candidate. As the gates sit as (o, i, f, g)
+    followed by c, [i, f] * [g, c] is one multiply and c = i*g + f*c one add. The constant 0.5 is
+    a 0-d array: a Python or NumPy scalar operand costs NumPy twice the call time."""
+    zz, prod, tmp, half, c = bufs
+    H = tmp.shape[1]
+    z, s, o, fi, gc = zz[:, :4 * H], zz[:, :3 * H], zz[:, :H], zz[:, H:3 * H], zz[:, 3 * H:]
+    p_ig, p_fc = prod[:, :H], prod[:, H:]
+    mul, add, tanh, matmul = xp.multiply, xp.add, xp.tanh, xp.matmul
+    # z is a strided view for batch > 1: only NumPy's matmul takes that as out=; for one row
+    # it counts as contiguous and NumPy's dot (GEMV) costs about half of matmul's call
+    direct = h.shape[0] == 1 or is_numpy(xp)
+    if h.shape[0] == 1 and is_numpy(xp):
+        matmul = xp.dot
+    for t, out in steps:
+        if direct:
+            matmul(h, rt, out=z)
+            add(z, xw[t], out=z)
+        else:
+            add(matmul(h, rt), xw[t], out=z)
+        tanh(z, out=z)
+        mul(s, half, out=s)
+        add(s, half, out=s)
+        mul(fi, gc, out=prod)
+        add(p_ig, p_fc, out=c)
+        tanh(c, out=tmp)
+        mul(o, tmp, out=out)
+        h = out
+    return h
+
+
+# ---------------------------------------------------------------- stacked layers
+_DEFAULT_ACTS = ([], ["sigmoid", "tanh", "tanh"])
+
+
+def _plain_lstm(st, consts) -> bool:
+    """An LSTM the wavefront kernel runs: forward, default activations, no clip, peepholes,
+    sequence lengths or batch-major layout, constant weights."""
+    n = st.node
+    if n.op_type != "LSTM" or n.domain or len(st.ins) < 3:
+        return False
+    if [a.lower() for a in n.a("activations") or []] not in _DEFAULT_ACTS or n.a("clip") is not None \
+            or n.a("input_forget", 0) or n.a("layout", 0) or n.a("direction", "forward") != "forward":
+        return False
+    ins = st.ins + [-1] * (8 - len(st.ins))
+    if ins[4] >= 0 or ins[7] >= 0:
+        return False
+    c = getattr(n, "const_ins", ())
+    for k in (1, 2, 3):
+        if ins[k] >= 0 and not (k < len(c) and c[k]):
+            return False
+    return consts[ins[1]].shape[0] == 1
+
+
+def fuse_stacked_lstm(p, graph_outputs: set[int]) -> int:
+    """LSTM -> Squeeze(axis 1) -> LSTM -> ... chains (stacked forward layers whose inner outputs
+    feed only the next layer) become one step running the layers as a wavefront
+    (``_stacked_lstm``). Returns the number of steps removed."""
+    from opc.runtime.program import Step
+    from opc.runtime.registry import KERNELS, Node
+
+    readers: dict[int, list[int]] = {}
+    for i, st in enumerate(p.steps):
+        for s in st.ins:
+            if s >= 0:
+                readers.setdefault(s, []).append(i)
+
+    def unused(s):
+        return s < 0 or (s not in graph_outputs and not readers.get(s))
+
+    def next_layer(i):
+        """The index of the LSTM fed by step i's sequence output through a Squeeze, or None."""
+        st = p.steps[i]
+        y = st.outs[0]
+        if y < 0 or y in graph_outputs or not all(unused(s) for s in st.outs[1:]):
+            return None
+        users = readers.get(y, [])
+        if len(users) != 1:
+            return None
+        sq = p.steps[users[0]]
+        if sq.node.op_type != "Squeeze" or sq.node.domain or sq.ins[0] != y or len(sq.outs) != 1:
+            return None
+        if len(sq.ins) > 1 and sq.ins[1] >= 0:
+            if sq.ins[1] not in p.consts:
+                return None
+            axes = [int(a) for a in np.asarray(_host(p.consts[sq.ins[1]])).reshape(-1)]
+        else:
+            axes = list(sq.node.a("axes") or [])
+        q = sq.outs[0]
+        if axes not in ([1], [-3]) or q < 0 or q in graph_outputs or len(readers.get(q, [])) != 1:
+            return None
+        k = readers[q][0]
+        nxt = p.steps[k]
+        if not _plain_lstm(nxt, p.consts) or nxt.ins[0] != q or nxt.ins.count(q) != 1:
+            return None
+        return users[0], k
+
+    drop, replace = set(), {}
+    for i, st in enumerate(p.steps):
+        if i in drop or not _plain_lstm(st, p.consts):
+            continue
+        chain, squeezes = [i], []
+        while (nx := next_layer(chain[-1])) is not None:
+            squeezes.append(nx[0])
+            chain.append(nx[1])
+        if len(chain) < 2:
+            continue
+        layers = [p.steps[j] for j in chain]
+        ins, const = [], []
+        for li, lst in enumerate(layers):
+            lins = (lst.ins + [-1] * 7)[:7]
+            if li:
+                lins[0] = -1  # the Squeeze of the previous layer's output: internal
+            ins += lins
+            c = tuple(getattr(lst.node, "const_ins", ())) + (False,) * 7
+            const += [False if li and k == 0 else c[k] for k in range(7)]
+        last = layers[-1]
+        node = Node("LSTM", "", " + ".join(lst.node.name or lst.node.outputs[0] for lst in layers),
+                    [p.names[s] if s >= 0 else "" for s in ins], list(last.node.outputs), dict(last.node.attrs),
+                    last.node.opset)
+        node.captures, node.const_ins = [], tuple(const)
+        fused = Step(node, KERNELS[("", "LSTM")], _stacked_lstm(node, p.xp, len(layers)), ins, list(last.outs),
+                     last.index)
+        replace[chain[-1]] = fused
+        drop.update(chain[:-1])
+        drop.update(squeezes)
+    if not replace:
+        return 0
+    p.steps = [replace.get(i, st) for i, st in enumerate(p.steps) if i not in drop]
+    return len(drop)
+
+
+def _host(a):
+    get = getattr(a, "get", None)
+    return get() if get is not None else a
+
+
+def _stacked_lstm(node, xp, L):
+    """``L`` stacked forward LSTM layers as one LSTM whose state is all layers' states side by
+    side, run as a wavefront: at step k layer l computes its time step k - l, its input being
+    layer l-1's h from step k-1, which is in the combined state. The combined recurrent matrix
+    is block upper-triangular (R_l on the diagonal, layer l's input weights W_l right of the
+    diagonal), so a step is one GEMM and the eight gate calls of ``_lstm_steps`` for all layers
+    together: seq + L - 1 steps instead of L * seq. Before layer l starts (k < l) its state is
+    reset to its initial one after each step; layer 0's extra steps at the end are discarded."""
+    cache = {}
+
+    def weights(ins, dt):
+        key = tuple(id(ins[7 * li + k]) for li in range(L) for k in (1, 2, 3))
+        hit = cache.get("w")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        Hs = [int(ins[7 * li + 2].shape[2]) for li in range(L)]
+        offs = [sum(Hs[:li]) for li in range(L)]
+        HS = sum(Hs)
+        D = int(ins[1].shape[2])
+        order = (1, 0, 2, 3)  # our gates (o, i, f, g) in ONNX's (i, o, f, c)
+
+        def cols(q, li):
+            return slice(q * HS + offs[li], q * HS + offs[li] + Hs[li])
+
+        wc = xp.zeros((D, 4 * HS), dtype=dt)
+        rc = xp.zeros((HS, 4 * HS), dtype=dt)
+        bc = xp.zeros((4 * HS,), dtype=dt)
+        for li in range(L):
+            H = Hs[li]
+            w, r, b = ins[7 * li + 1][0], ins[7 * li + 2][0], ins[7 * li + 3]
+            rows = slice(offs[li], offs[li] + H)
+            for q, g in enumerate(order):
+                blk = slice(g * H, (g + 1) * H)
+                if li == 0:
+                    wc[:, cols(q, 0)] = w[blk].T
+                else:  # the previous layer's h is this layer's input
+                    rc[offs[li - 1]:offs[li - 1] + Hs[li - 1], cols(q, li)] = w[blk].T
+                rc[rows, cols(q, li)] = r[blk].T
+                if b is not None:
+                    bc[cols(q, li)] = b[0, blk] + b[0, 4 * H:][blk]
+        for a in (wc, rc, bc):
+            a[..., :3 * HS] *= dt.type(0.5)
+        res = (Hs, offs, wc, rc, bc)
+        cache["w"] = (key, res)
+        return res
+
+    def run(ins, outs, ws):
+        ins = list(ins) + [None] * (7 * L - len(ins))
+        x = ins[0]
+        dt = x.dtype
+        seq, batch = int(x.shape[0]), int(x.shape[1])
+        Hs, offs, wc, rc, bc = weights(ins, dt)
+        HS = sum(Hs)
+        last = slice(offs[-1], HS)
+        init_h = xp.zeros((batch, HS), dtype=dt)
+        init_c = xp.zeros((batch, HS), dtype=dt)
+        for li in range(L):
+            h0, c0 = ins[7 * li + 5], ins[7 * li + 6]
+            part = slice(offs[li], offs[li] + Hs[li])
+            if h0 is not None:
+                init_h[:, part] = h0[0]
+            if c0 is not None:
+                init_c[:, part] = c0[0]
+        y = _out(xp, outs, 0, (seq, 1, batch, Hs[-1]), dt)
+        if seq == 0:
+            return [y, init_h[None, :, last].copy(), init_c[None, :, last].copy()]
+        n = seq + L - 1
+        xw = xp.empty((n, batch, 4 * HS), dtype=dt)
+        xp.matmul(x.reshape(seq * batch, x.shape[2]), wc, out=xw[:seq].reshape(seq * batch, 4 * HS))
+        xw[seq:] = 0
+        xw += bc
+        hbuf = xp.empty((n, batch, HS), dtype=dt)
+        bufs = _step_buffers(xp, batch, HS, dt)
+        c = bufs[-1]
+        c[...] = init_c
+        finals = [None] * L
+        h = init_h
+        k = 0
+        while k < n:
+            # steps where no layer starts or ends run as one batch of steps
+            stop = k + 1 if k < L - 1 or k >= seq - 1 else seq - 1
+            h = _lstm_steps(xp, bufs, rc, xw, h, [(j, hbuf[j]) for j in range(k, stop)])
+            for j in range(k, stop):
+                for li in range(1, L):
+                    if j < li:  # layer li has not started: back to its initial state
+                        part = slice(offs[li], offs[li] + Hs[li])
+                        hbuf[j][:, part] = init_h[:, part]
+                        c[:, part] = init_c[:, part]
+                for li in range(L):
+                    if j == seq - 1 + li:
+                        finals[li] = c[:, offs[li]:offs[li] + Hs[li]].copy()
+            k = stop
+        y[:, 0] = hbuf[L - 1:, :, last]
+        return [y, hbuf[n - 1][None, :, last].copy(), finals[-1][None]]
+    return run
+
+
+def _out(xp, outs, i, shape, dt):
+    if outs is not None and i < len(outs) and outs[i] is not None and outs[i].shape == shape \
+            and outs[i].dtype == dt:
+        return outs[i]
+    return xp.empty(shape, dtype=dt)

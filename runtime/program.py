@@ -16,6 +16,7 @@ from onnx import numpy_helper
 
 from opc.errors import ModelError
 from opc.runtime import registry
+from opc.runtime.k_rnn import fuse_stacked_lstm
 from opc.runtime.registry import KERNELS, Node, attr_value
 
 _CONTROL_GRAPH_ATTRS = ("then_branch", "else_branch", "body")
@@ -192,7 +193,9 @@ def compile_graph(graph: onnx.GraphProto, xp, opsets: dict[str, int], outer: set
     _fold_constants(p, over)
     for st in p.steps:
         st.node.const_ins = tuple(s >= 0 and s in p.consts and s not in over for s in st.ins)
-    _fuse_activations(p, {p.slots[o.name] for o in graph.output if o.name in p.slots})
+    graph_outputs = {p.slots[o.name] for o in graph.output if o.name in p.slots}
+    _fuse_activations(p, graph_outputs)
+    p.fused += fuse_stacked_lstm(p, graph_outputs)  # LSTM -> Squeeze -> LSTM: one wavefront step
     _compute_release(p)
     return p
 

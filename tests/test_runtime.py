@@ -376,3 +376,63 @@ def test_lstm_fast_path_without_strided_matmul_out():
     got = KERNELS[("", "LSTM")].build(node, OtherModule())([x, w, r, b], None, None)
     for a, g in zip(want, got):
         np.testing.assert_allclose(g, a, rtol=1e-6, atol=1e-7)
+
+
+def _stacked_lstm_model(hidden, batch, states=(), bias=True, extra_output=None, seq=7, inp=5):
+    """LSTM -> Squeeze(axis 1) -> LSTM -> ... (PyTorch's export of a stacked nn.LSTM);
+    ``states``: layers given an initial h and c; ``extra_output``: also output this tensor."""
+    rng = np.random.default_rng(len(hidden) * 10 + batch)
+    inits, nodes, x, size = [], [], "x", inp
+    feeds = {"x": rng.standard_normal((seq, batch, inp)).astype(np.float32)}
+    graph_ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, (seq, batch, inp))]
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+    for li, hid in enumerate(hidden):
+        inits.append(numpy_helper.from_array(0.5 * rng.standard_normal((1, 4 * hid, size)).astype(np.float32), f"W{li}"))
+        inits.append(numpy_helper.from_array(0.5 * rng.standard_normal((1, 4 * hid, hid)).astype(np.float32), f"R{li}"))
+        ins = [x, f"W{li}", f"R{li}", "", "", "", ""]
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal((1, 8 * hid)).astype(np.float32), f"B{li}"))
+            ins[3] = f"B{li}"
+        if li in states:
+            for k, n in ((5, f"h{li}"), (6, f"c{li}")):
+                ins[k] = n
+                graph_ins.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, (1, batch, hid)))
+                feeds[n] = rng.standard_normal((1, batch, hid)).astype(np.float32)
+        while ins[-1] == "":
+            ins.pop()
+        nodes.append(helper.make_node("LSTM", ins, [f"y{li}", f"yh{li}", f"yc{li}"], hidden_size=hid))
+        nodes.append(helper.make_node("Squeeze", [f"y{li}", "axis1"], [f"s{li}"]))
+        x, size = f"s{li}", hid
+    last = len(hidden) - 1
+    names = [f"s{last}", f"yh{last}", f"yc{last}"] + ([extra_output] if extra_output else [])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
+    model = helper.make_model(helper.make_graph(nodes, "g", graph_ins, outs, inits),
+                              opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    return model, feeds
+
+
+@pytest.mark.parametrize("hidden,batch,states,bias", [
+    ((6, 4), 1, (), True), ((6, 4), 3, (0, 1), True), ((3, 5, 4), 1, (1,), False), ((3, 5, 4), 2, (0, 2), True)])
+def test_stacked_lstm_runs_as_one_wavefront_step(hidden, batch, states, bias):
+    """Stacked forward LSTMs joined by Squeeze become one step (the Squeezes and inner layers
+    disappear); outputs, final states included, equal ORT's in the arena and out of it."""
+    model, feeds = _stacked_lstm_model(hidden, batch, states, bias)
+    sess = _check(model, feeds, runs=3)
+    ops = [st.node.op_type for st in sess.program.steps]
+    assert ops == ["LSTM", "Squeeze"], ops
+    assert sess.program.fused >= 2 * (len(hidden) - 1)
+
+
+@pytest.mark.parametrize("extra", ["yh0", "y0", "s0"])
+def test_stacked_lstm_not_fused_when_an_inner_output_is_used(extra):
+    model, feeds = _stacked_lstm_model((6, 4), 2, (0,), True, extra_output=extra)
+    sess = _check(model, feeds, runs=2)
+    assert [st.node.op_type for st in sess.program.steps].count("LSTM") == 2
+
+
+def test_stacked_lstm_single_step_sequence():
+    """seq = 1: every wavefront step is a boundary step (a layer starts or ends)."""
+    model, feeds = _stacked_lstm_model((4, 4, 4), 2, (0, 1, 2), True, seq=1)
+    sess = _check(model, feeds, runs=2)
+    assert [st.node.op_type for st in sess.program.steps].count("LSTM") == 1
