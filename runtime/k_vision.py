@@ -222,3 +222,120 @@ def _roi_align(node, xp):
                 res[r] = v.reshape(c, ph, gh, pw, gw).max(axis=(2, 4))
         return res
     return run
+
+
+@kernel("AffineGrid", dynamic=True)
+def _affine_grid(node, xp):
+    align = bool(node.a("align_corners", 0))
+
+    def base(size):
+        if align:
+            return np.linspace(-1.0, 1.0, size) if size > 1 else np.full(1, -1.0)
+        return (2 * np.arange(size) + 1) / size - 1
+
+    def run(ins, outs, ws):
+        theta = ins[0]
+        sizes = host_ints(ins[1])[2:]
+        nd = len(sizes)
+        axes = np.meshgrid(*[base(s) for s in sizes], indexing="ij")  # D, H, W order
+        # homogeneous points (x, y[, z], 1): the first coordinate indexes the last axis
+        pts = np.stack([a.reshape(-1) for a in axes[::-1]] + [np.ones(axes[0].size)], axis=0)
+        pts = xp.asarray(pts.astype(theta.dtype))
+        grid = xp.matmul(theta, pts)  # (N, nd, P)
+        return xp.ascontiguousarray(grid.transpose(0, 2, 1)).reshape((theta.shape[0],) + tuple(sizes) + (nd,))
+    return run
+
+
+@kernel("Col2Im", dynamic=True)
+def _col2im(node, xp):
+    def run(ins, outs, ws):
+        x = ins[0]
+        image = host_ints(ins[1])
+        block = host_ints(ins[2])
+        nd = len(image)
+        dil = list(node.a("dilations") or [1] * nd)
+        pads = list(node.a("pads") or [0] * (2 * nd))
+        strides = list(node.a("strides") or [1] * nd)
+        n = x.shape[0]
+        k = int(math.prod(block))
+        c = x.shape[1] // k
+        cols = [(image[i] + pads[i] + pads[i + nd] - dil[i] * (block[i] - 1) - 1) // strides[i] + 1
+                for i in range(nd)]
+        if int(math.prod(cols)) != x.shape[2]:
+            node.fail(f"{x.shape[2]} blocks given, the geometry makes {int(math.prod(cols))}")
+        padded = xp.zeros((n, c) + tuple(image[i] + pads[i] + pads[i + nd] for i in range(nd)), dtype=x.dtype)
+        blocks = x.reshape((n, c, k) + tuple(cols))
+        # each kernel offset hits a strided sub-grid of the padded image once: no collisions
+        for t, off in enumerate(np.ndindex(*block)):
+            sl = tuple(slice(off[i] * dil[i], off[i] * dil[i] + strides[i] * (cols[i] - 1) + 1, strides[i])
+                       for i in range(nd))
+            padded[(slice(None), slice(None)) + sl] += blocks[:, :, t]
+        crop = tuple(slice(pads[i], pads[i] + image[i]) for i in range(nd))
+        return xp.ascontiguousarray(padded[(slice(None), slice(None)) + crop])
+    return run
+
+
+@kernel("MaxUnpool", dynamic=True)
+def _max_unpool(node, xp):
+    kernel_shape = list(node.a("kernel_shape"))
+    nd = len(kernel_shape)
+    pads = list(node.a("pads") or [0] * (2 * nd))
+    strides = list(node.a("strides") or [1] * nd)
+
+    def run(ins, outs, ws):
+        x, idx = ins[:2]
+        inferred = list(x.shape[:2]) + [(x.shape[i + 2] - 1) * strides[i] - pads[i] - pads[i + nd] + kernel_shape[i]
+                                        for i in range(nd)]
+        shape = host_ints(ins[2]) if len(ins) > 2 and ins[2] is not None else inferred
+        flat = xp.zeros(int(math.prod(inferred)), dtype=x.dtype)
+        flat[idx.reshape(-1)] = x.reshape(-1)  # MaxPool's indices are flat over the whole tensor
+        res = xp.zeros(shape, dtype=x.dtype)
+        res[tuple(slice(0, s) for s in inferred)] = flat.reshape(inferred)
+        return res
+    return run
+
+
+@kernel("DeformConv")
+def _deform_conv(node, xp):
+    group = int(node.a("group", 1))
+    off_groups = int(node.a("offset_group", 1))
+
+    def run(ins, outs, ws):
+        x, w, offset = ins[:3]
+        bias, mask = (ins[i] if len(ins) > i else None for i in (3, 4))
+        if x.ndim != 4:
+            node.fail("only 2-D deformable convolution is supported")
+        n, ic, ih, iw = x.shape
+        oc = w.shape[0]
+        kh, kw = node.a("kernel_shape") or w.shape[2:]
+        sh, sw = node.a("strides") or (1, 1)
+        dh, dw = node.a("dilations") or (1, 1)
+        pads = node.a("pads") or (0, 0, 0, 0)
+        oh, ow = offset.shape[2:]
+        g, k, p = off_groups, kh * kw, oh * ow
+        off = offset.reshape(n, g, kh, kw, 2, oh, ow).astype(xp.float64)
+        base_h = (xp.arange(kh) * dh).reshape(kh, 1, 1, 1) + (xp.arange(oh) * sh - pads[0]).reshape(1, 1, oh, 1)
+        base_w = (xp.arange(kw) * dw).reshape(1, kw, 1, 1) + (xp.arange(ow) * sw - pads[1]).reshape(1, 1, 1, ow)
+        ys = (off[:, :, :, :, 0] + base_h).reshape(n, g, k * p)  # sampling rows, (N, G, K*P)
+        xs = (off[:, :, :, :, 1] + base_w).reshape(n, g, k * p)
+        y0, x0 = xp.floor(ys), xp.floor(xs)
+        xt = x.reshape(n, g, ic // g, ih * iw).transpose(0, 1, 3, 2)  # (N, G, HW, C/G)
+        ni, gi = xp.arange(n).reshape(n, 1, 1), xp.arange(g).reshape(1, g, 1)
+        cols = 0
+        for dy in (0, 1):
+            for dx in (0, 1):
+                yy, xx = y0 + dy, x0 + dx
+                wgt = (1 - xp.abs(ys - yy)) * (1 - xp.abs(xs - xx))
+                ok = (yy >= 0) & (yy < ih) & (xx >= 0) & (xx < iw)
+                flat = (xp.clip(yy, 0, ih - 1) * iw + xp.clip(xx, 0, iw - 1)).astype(xp.int64)
+                cols = cols + xt[ni, gi, flat] * xp.where(ok, wgt, 0).astype(x.dtype)[..., None]
+        if mask is not None:
+            cols = cols * mask.reshape(n, g, k * p, 1)
+        # (N, G, K*P, C/G) -> (N, C, K, P) -> per conv group (N, group, C/group*K, P)
+        cols = cols.reshape(n, g, k, p, ic // g).transpose(0, 1, 4, 2, 3).reshape(n, group, ic // group * k, p)
+        wg = w.reshape(group, oc // group, -1)
+        y = xp.matmul(wg, cols).reshape(n, oc, oh, ow)
+        if bias is not None:
+            y = y + bias.reshape(1, oc, 1, 1)
+        return y.astype(x.dtype)
+    return run
