@@ -5,8 +5,6 @@ Unique's output size depends on the values (``dynamic``); everything stays on th
 
 from __future__ import annotations
 
-import numpy as np
-
 from opc.runtime.registry import kernel, np_dtype
 from opc.runtime.xp import host_ints
 

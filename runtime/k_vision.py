@@ -57,7 +57,9 @@ def _grid_sample(node, xp):
         lo, hi = (0.0, size - 1.0) if align else (-0.5, size - 0.5)
         if mode == "nearest":
             x = xp.rint(x)
-        if padding == "border":
+        if padding == "border" and mode != "cubic":
+            # cubic keeps the coordinate and clamps each tap (as PyTorch and ONNX Runtime do;
+            # onnx's reference clamps the coordinate first, which changes the weights)
             x = xp.where((x < lo) | (x > hi), xp.clip(x, 0, size - 1), x)
         elif padding == "reflection":
             x = _reflect(xp, x, lo, hi)
@@ -287,11 +289,10 @@ def _max_unpool(node, xp):
         inferred = list(x.shape[:2]) + [(x.shape[i + 2] - 1) * strides[i] - pads[i] - pads[i + nd] + kernel_shape[i]
                                         for i in range(nd)]
         shape = host_ints(ins[2]) if len(ins) > 2 and ins[2] is not None else inferred
-        flat = xp.zeros(int(math.prod(inferred)), dtype=x.dtype)
-        flat[idx.reshape(-1)] = x.reshape(-1)  # MaxPool's indices are flat over the whole tensor
-        res = xp.zeros(shape, dtype=x.dtype)
-        res[tuple(slice(0, s) for s in inferred)] = flat.reshape(inferred)
-        return res
+        # MaxPool's indices are flat over the whole tensor it pooled, which is the output here
+        res = xp.zeros(int(math.prod(shape)), dtype=x.dtype)
+        res[idx.reshape(-1)] = x.reshape(-1)
+        return res.reshape(shape)
     return run
 
 
@@ -312,6 +313,10 @@ def _deform_conv(node, xp):
         dh, dw = node.a("dilations") or (1, 1)
         pads = node.a("pads") or (0, 0, 0, 0)
         oh, ow = offset.shape[2:]
+        want = ((ih + pads[0] + pads[2] - (kh - 1) * dh - 1) // sh + 1,
+                (iw + pads[1] + pads[3] - (kw - 1) * dw - 1) // sw + 1)
+        if (oh, ow) != want:
+            node.fail(f"offset's spatial shape {(oh, ow)} is not the output's {want}")
         g, k, p = off_groups, kh * kw, oh * ow
         off = offset.reshape(n, g, kh, kw, 2, oh, ow).astype(xp.float64)
         base_h = (xp.arange(kh) * dh).reshape(kh, 1, 1, 1) + (xp.arange(oh) * sh - pads[0]).reshape(1, 1, oh, 1)

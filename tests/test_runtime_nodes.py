@@ -28,6 +28,10 @@ EXCLUDED = {
     "test_training_dropout_default": "random mask: the expected output depends on onnx's own RNG",
     "test_training_dropout_mask": "random mask: the expected output depends on onnx's own RNG",
     "test_training_dropout_default_mask": "random mask: the expected output depends on onnx's own RNG",
+    "test_maxunpool_export_with_output_shape": (
+        "the expected data scatters the indices into the inferred (smaller) shape and pads after; "
+        "ONNX Runtime and the MaxPool round trip index the output_shape tensor, which opc follows "
+        "(test_runtime_ops.py checks MaxPool -> MaxUnpool against ORT)"),
     "test_causal_conv_with_state_silu_fp16_expanded": (
         "float16 end to end with rtol 1e-3: the expansion's fp16 rounding differs from the reference's"),
 }
