@@ -303,3 +303,50 @@ def test_linear_attention_linear_rule_equals_causal_attention_without_softmax():
         y, st = sess.run(None, ins)
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(st, state, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- a real export
+@pytest.mark.parametrize("masked", [False, True])
+def test_pytorch_sdpa_export_runs_as_one_attention_node(tmp_path, masked):
+    """torch.onnx's dynamo exporter turns scaled_dot_product_attention (grouped-query, causal or
+    with a boolean padding mask) into one opset-23 Attention node: opc matches PyTorch, and ORT
+    where ORT accepts the model."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    torch.set_num_threads(2)
+
+    class Block(torch.nn.Module):
+        def __init__(self, d=64, hq=8, hk=2):
+            super().__init__()
+            self.hq, self.hk, self.dh = hq, hk, d // hq
+            self.q, self.kv, self.o = (torch.nn.Linear(d, d), torch.nn.Linear(d, 2 * hk * self.dh),
+                                       torch.nn.Linear(d, d))
+
+        def forward(self, x, keep=None):
+            b, t, _ = x.shape
+            q = self.q(x).view(b, t, self.hq, self.dh).transpose(1, 2)
+            k, v = self.kv(x).view(b, t, 2, self.hk, self.dh).permute(2, 0, 3, 1, 4)
+            mask = None if keep is None else keep[:, None, None, :]
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=keep is None,
+                                                                 enable_gqa=True)
+            return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+    torch.manual_seed(0)
+    block = Block().eval()
+    x = torch.randn(2, 10, 64)
+    args = (x,)
+    if masked:
+        keep = torch.ones(2, 10, dtype=torch.bool)
+        keep[1, 7:] = False  # the second sequence is padded
+        args = (x, keep)
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(block, args, str(path), opset_version=23, dynamo=True)
+    model = onnx.load(str(path))
+    assert [n.op_type for n in model.graph.node].count("Attention") == 1
+    with torch.no_grad():
+        want = block(*args).numpy()
+    feeds = {i.name: a.numpy() for i, a in zip(model.graph.input, args)}
+    got = rt.Session(model, backend="numpy").run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    if not masked:  # ORT 1.31 rejects a (B, 1, 1, S) mask (it wants the query length spelled out)
+        _check(model, feeds, rtol=1e-4, atol=1e-5)
