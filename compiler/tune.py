@@ -29,9 +29,13 @@ finishes first):
    re-quantize a fallen-back layer, switch weight-only (MatMul models), keep one more
    layer in float (latency only: Q/DQ pairs around a small layer can cost more than they
    save), int4 weight-only (size only), channel pruning (25% or 50% of the channels,
-   removed physically, so the model gets faster and smaller). A move is taken when it meets the budget and beats the incumbent's
-   objective (latency by more than the timing noise margin); moves are tried in a
-   seeded order within each kind.
+   removed physically, so the model gets faster and smaller), and per-layer channel
+   pruning (``layer_prune_moves``: a pruned trial's per-group errors, ``prune_sensitivity``,
+   raise the least sensitive half one level, or prune only that half when uniform
+   pruning missed the budget). Unstructured and N:M sparsity are not searched: they keep
+   ONNX Runtime's dense kernels and the file's bytes. A move is taken when it meets the
+   budget and beats the incumbent's objective (latency by more than the timing noise
+   margin); moves are tried in a seeded order within each kind.
 6. ``final`` (latency only): the best few candidates, every uniform configuration that
    meets the budget and the float model are re-timed together in this process
    (interleaved rounds, two sessions each, CPU time, medians), so that the winner is not
@@ -80,6 +84,7 @@ OBJECTIVES = ("latency", "size")
 LATENCY_MARGIN = 0.05  # a latency move must be this much faster to count (timing noise)
 FINAL_TIE = 0.02  # final re-timing: finalists this close to the fastest count as equal
 PRUNE_LEVELS = (0.25, 0.5)
+PRUNE_MAX = 0.75  # per-layer channel sparsity is raised up to this
 MATMUL_OPS = ("MatMul", "Gemm")
 
 
@@ -274,6 +279,52 @@ def structure_key(model: onnx.ModelProto) -> str:
     return h.hexdigest()
 
 
+def prune_sensitivity(model: onnx.ModelProto, groups: list[dict], reconstruction: list[dict]) -> list[dict]:
+    """Per channel group of one channel-pruning run, the error its pruning adds, least first.
+
+    The prune pass refits every layer downstream of a pruned one and reports each refitted
+    layer's relative output error against the original model (``error_after``); removing a
+    group's channels shows in the next dense layers that read them (through activations,
+    BatchNormalization and depthwise convolutions, which lose the same channels). A
+    group's error is the largest such error minus the error already present at its own
+    producers (upstream pruning), so a deep group is not blamed for the ones above it.
+    Returns ``[{"producers": [...], "error": e, "channels_before": n, "channels_after": m}]``.
+    """
+    err = {r["node"]: float(r["error_after"]) for r in reconstruction if "error_after" in r}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def passes_through(n) -> bool:  # a depthwise Conv carries the pruned channels onwards
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        return n.op_type == "Conv" and group > 1
+
+    by_name = {n.name: n for n in model.graph.node}
+    out = []
+    for g in groups:
+        if g.get("channels_after", 0) >= g.get("channels_before", 0):
+            continue
+        producers = list(g["producers"])
+        own = max((err.get(p, 0.0) for p in producers), default=0.0)
+        stack = [o for p in producers if p in by_name for o in by_name[p].output]
+        seen, hit = set(), []
+        while stack:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            for c in consumers.get(t, []):
+                if c.name in err and not passes_through(c):
+                    hit.append(err[c.name])
+                else:
+                    stack.extend(c.output)
+        out.append({"producers": producers, "error": max(0.0, max(hit, default=own) - own),
+                    "channels_before": g.get("channels_before"), "channels_after": g.get("channels_after")})
+    out.sort(key=lambda r: (r["error"], r["producers"]))
+    return out
+
+
 class Evaluator:
     """Compiles a trial's pipeline and measures metric drop, latency and size."""
 
@@ -317,6 +368,12 @@ class Evaluator:
 
         return opc.compile(self.model, passes=pipeline, calibration=self.calibration)
 
+    def folded(self) -> onnx.ModelProto:
+        """The model after ``fold`` (the graph the prune pass sees), compiled once."""
+        if getattr(self, "_folded", None) is None:
+            self._folded = self.compile("fold")[0]
+        return self._folded
+
     def __call__(self, trial: Trial) -> TrialResult:
         started = time.perf_counter()
         model, report = self.compile(trial.pipeline)
@@ -332,6 +389,9 @@ class Evaluator:
             table = record.details.get("sensitivity")
             if table and trial.phase in ("sensitivity", "uniform"):
                 details.setdefault("sensitivity", table)
+            if record.name == "prune" and record.details.get("groups") and record.details.get("reconstruction"):
+                details["prune_sensitivity"] = prune_sensitivity(self.folded(), record.details["groups"],
+                                                                 record.details["reconstruction"])
         return TrialResult(
             index=trial.index, pipeline=trial.pipeline, phase=trial.phase, note=trial.note,
             metric=score, drop=self.baseline_score - score, latency_ms=latency, latency_spread_ms=spread,
@@ -721,17 +781,41 @@ class _Search:
         if self.objective == "size" and self.has_matmul and pass_default("quantize", "weight_bits") is not None:
             extra = tuple(kv for kv in cfg.extra if kv[0] != "weight_bits") + (("weight_bits", 4),)
             groups.append([(replace(cfg, weight_only=True, extra=extra), "int4 weight-only")])
-        prune_modes = pass_choices("prune", "mode")
-        if prune_modes:
-            # zeros only shrink or speed up a model when whole channels go; unstructured
-            # and n:m sparsity are tried for size only as a last resort (file bytes stay)
-            modes = [m for m in ("channels",) if m in prune_modes]
-            moves = [(replace(cfg, sparsity=s, prune_mode=m if m != pass_default("prune", "mode") else None),
-                      f"prune {m} {s}") for m in modes for s in PRUNE_LEVELS if s != cfg.sparsity]
-            groups.append(moves)
+        if "channels" in pass_choices("prune", "mode"):
+            # zeros only shrink or speed up a model when whole channels go: unstructured and
+            # N:M sparsity keep ONNX Runtime's dense kernels and the file's bytes
+            groups.append([(replace(cfg, sparsity=s, prune_mode=_mode("channels"), prune_layers=()),
+                            f"prune channels {s}") for s in PRUNE_LEVELS
+                           if (s, ()) != (cfg.sparsity, cfg.prune_layers)])
+            groups.append(self.layer_prune_moves(cfg))
         out = []
         for g in groups:
             out += g
+        return out
+
+    def layer_prune_moves(self, cfg: Config) -> list[tuple[Config, str]]:
+        """Per-layer channel pruning from the per-group errors of a pruned trial
+        (``prune_sensitivity``), the two latest pruned trials first: where one met the
+        budget, raise the sparsity of its least sensitive half of the groups one level
+        (0.25 -> 0.5 -> 0.75); where a uniformly pruned one missed it, prune only its least
+        sensitive half."""
+        out = []
+        pruned = [r for r in self.results if r.ok and r.details.get("prune_sensitivity")
+                  and r.pipeline in self.config_of]
+        for r in sorted(pruned, key=lambda r: -r.index)[:2]:
+            table, c = r.details["prune_sensitivity"], self.config_of[r.pipeline]
+            calm = [g["producers"][0] for g in table[: max(1, len(table) // 2)]]
+            layers = dict(c.prune_layers)
+            if self.meets(r):
+                for p in calm:
+                    layers[p] = min(max(2 * layers.get(p, c.sparsity), PRUNE_LEVELS[-1]), PRUNE_MAX)
+                note = f"prune channels: raise the {len(calm)} least sensitive groups"
+                out.append((replace(cfg, sparsity=c.sparsity, prune_mode=_mode("channels"),
+                                    prune_layers=tuple(sorted(layers.items()))), note))
+            elif not layers and c.sparsity > 0:
+                out.append((replace(cfg, sparsity=0.0, prune_mode=_mode("channels"),
+                                    prune_layers=tuple((p, c.sparsity) for p in sorted(calm))),
+                            f"prune channels {c.sparsity} on the {len(calm)} least sensitive groups only"))
         return out
 
     def better(self, r: TrialResult, incumbent: TrialResult) -> bool:

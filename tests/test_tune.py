@@ -412,3 +412,54 @@ def test_uniform_configs_are_the_benchmarks_baselines(digits_assets):
         assert not any("prune" in note for _, note in uniform_configs(model))
     finally:
         tune_module.PRUNE_UNIFORM_MAX_PARAMS = small
+
+
+# --- per-layer pruning ---------------------------------------------------------------------------
+def test_config_with_per_layer_pruning_is_canonical():
+    cfg = Config(sparsity=0.0, prune_mode="channels", prune_layers=(("b", 0.5), ("a", 0.25)), table=False)
+    text = cfg.pipeline()
+    assert text == "fold,prune(sparsity=0.0,mode=channels,layers={a:0.25,b:0.5}),quantize(sensitivity_samples=0)"
+    assert canonicalize(text) == text
+
+
+def test_prune_sensitivity_blames_each_group_for_the_error_it_adds():
+    from opc.tune import prune_sensitivity
+
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4,8,8] x) => (float[1,4,8,8] y) {
+        a = Conv <group = 1> (x, wa)
+        ar = Relu (a)
+        b = Conv <group = 4> (ar, wb)
+        c = Conv <group = 1> (b, wc)
+        y = Conv <group = 1> (c, wd)
+    }""")
+    for n, name in zip(model.graph.node, ["A", "R", "B", "C", "D"]):
+        n.name = name
+    rows = [{"node": "A", "error_after": 0.0}, {"node": "B", "error_after": 0.001},
+            {"node": "C", "error_after": 0.2}, {"node": "D", "error_after": 0.25}]
+    groups = [{"producers": ["A"], "channels_before": 4, "channels_after": 2},
+              {"producers": ["C"], "channels_before": 4, "channels_after": 2},
+              {"producers": ["D"], "channels_before": 4, "channels_after": 4}]  # not pruned: left out
+    table = prune_sensitivity(model, groups, rows)
+    # A's channels show at C (through the ReLU and the depthwise B): 0.2; C's at D: 0.25 - 0.2
+    assert [(t["producers"], round(t["error"], 6)) for t in table] == [(["C"], 0.05), (["A"], 0.2)]
+
+
+def test_size_search_raises_the_sparsity_of_the_least_sensitive_groups(digits_assets):
+    # 1 sensitivity + 8 uniform trials (the last two prune 25% and 50% of the channels), then
+    # the first move from 50%: its least sensitive half of the groups at 75%
+    res = tune(digits_assets["model"], digits_assets["calib"], digits_assets["eval"], max_drop=0.01, trials=10,
+               objective="size", repeats=3)
+    uniform = {r.note: r for r in res.results if r.phase == "uniform"}
+    half = uniform["prune channels 0.5"]
+    table = half.details["prune_sensitivity"]
+    assert [t["error"] for t in table] == sorted(t["error"] for t in table) and len(table) >= 2
+    last = res.results[-1]
+    assert last.phase == "improve" and "raise the" in last.note
+    calm = sorted(t["producers"][0] for t in table[:len(table) // 2])
+    assert "layers={" + ",".join(f"{p}:0.75" for p in calm) + "}" in last.pipeline
+    assert res.met and res.best is last and last.size_bytes < half.size_bytes
+    assert res.reproduced is True
+    again, _ = opc.compile(str(digits_assets["model"]), passes=res.pipeline, calibration=str(digits_assets["calib"]))
+    assert again.SerializeToString(deterministic=True) == res.model.SerializeToString(deterministic=True)
