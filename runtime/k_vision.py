@@ -99,31 +99,41 @@ def _grid_sample(node, xp):
             weight = (weight[..., :, None] * w[..., None, :]).reshape(n, p, -1)
             stride *= dims[d]
         taps = flat.shape[-1]
-        xt = x.reshape(n, c, -1).transpose(0, 2, 1)  # (N, S, C)
-        vals = xt[xp.arange(n).reshape(n, 1), flat.reshape(n, p * taps)]  # (N, P*T, C)
-        vals = vals.reshape(n, p, taps, c)
-        y = (vals * weight.astype(x.dtype)[..., None]).sum(axis=2)  # (N, P, C)
-        return xp.ascontiguousarray(y.transpose(0, 2, 1)).reshape((n, c) + tuple(out_sp)).astype(x.dtype)
+        flat = xp.ascontiguousarray(flat.transpose(0, 2, 1))  # (N, T, P): one contiguous row per tap
+        weight = xp.ascontiguousarray(weight.transpose(0, 2, 1)).astype(x.dtype)
+        xf = x.reshape(n, c, -1)
+        y = xp.zeros((n, c, p), dtype=x.dtype)
+        for b in range(n):  # per image and tap, one gather of whole channel rows (contiguous reads)
+            for t in range(taps):
+                y[b] += xp.take(xf[b], flat[b, t], axis=1) * weight[b, t]
+        return y.reshape((n, c) + tuple(out_sp))
     return run
 
 
 def _suppression_matrix(xp, boxes, center, thr):
-    """(B, N, N) bool: box j is suppressed by box i (IoU > thr, positive areas)."""
-    b = boxes.astype(xp.float64)
+    """(B, N, N) bool: box j is suppressed by box i (IoU > thr, positive areas), in float32."""
+    b = boxes.astype(xp.float32)
     if center:
-        x0, x1 = b[..., 0] - b[..., 2] / 2, b[..., 0] + b[..., 2] / 2
-        y0, y1 = b[..., 1] - b[..., 3] / 2, b[..., 1] + b[..., 3] / 2
+        half_w, half_h = b[..., 2] / 2, b[..., 3] / 2
+        x0, x1, y0, y1 = b[..., 0] - half_w, b[..., 0] + half_w, b[..., 1] - half_h, b[..., 1] + half_h
     else:  # [y1, x1, y2, x2], corners in either order
         y0, y1 = xp.minimum(b[..., 0], b[..., 2]), xp.maximum(b[..., 0], b[..., 2])
         x0, x1 = xp.minimum(b[..., 1], b[..., 3]), xp.maximum(b[..., 1], b[..., 3])
-    iw = xp.minimum(x1[:, :, None], x1[:, None, :]) - xp.maximum(x0[:, :, None], x0[:, None, :])
-    ih = xp.minimum(y1[:, :, None], y1[:, None, :]) - xp.maximum(y0[:, :, None], y0[:, None, :])
-    inter = xp.where((iw > 0) & (ih > 0), iw * ih, 0)
+    inter = xp.minimum(x1[:, :, None], x1[:, None, :])
+    inter -= xp.maximum(x0[:, :, None], x0[:, None, :])
+    xp.maximum(inter, 0, out=inter)
+    ih = xp.minimum(y1[:, :, None], y1[:, None, :])
+    ih -= xp.maximum(y0[:, :, None], y0[:, None, :])
+    xp.maximum(ih, 0, out=ih)
+    inter *= ih  # overlap area, 0 where the boxes do not overlap
     area = (x1 - x0) * (y1 - y0)
-    union = area[:, :, None] + area[:, None, :] - inter
-    ok = (inter > 0) & (area[:, :, None] > 0) & (area[:, None, :] > 0) & (union > 0)
-    iou = inter / xp.where(ok, union, 1)
-    return ok & (iou > thr)
+    union = area[:, :, None] + area[:, None, :]
+    union -= inter
+    ok = inter > 0
+    ok &= (area > 0)[:, :, None] & (area > 0)[:, None, :]
+    union[~ok] = 1
+    inter /= union
+    return ok & (inter > thr)
 
 
 @kernel("NonMaxSuppression", dynamic=True)
