@@ -94,7 +94,7 @@ def run_model(name: str, args) -> tuple[dict, list[dict]]:
     t0 = time.perf_counter()
     res = tune(model, calib, inputs, labels=labels, metric=metric, max_drop=args.max_drop, trials=args.trials,
                objective=args.objective, seed=0, runner=make_runner(args.workers), log=log,
-               repeats=args.repeats, threads=args.threads,
+               repeats=args.repeats, threads=args.threads, strategy=args.strategy,
                on_result=lambda r, s: print(f"  [{name}] #{r.index} {r.phase:<11} "
                                             + (f"drop {r.drop:+.4f} {r.latency_ms:.3f} ms "
                                                f"x{r.rel_latency:.3f} {r.size_bytes}"

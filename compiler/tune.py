@@ -81,6 +81,7 @@ from opc.trials import SerialRunner, Trial, TrialResult, TrialRunner
 
 BUILTIN_METRICS = ("top1", "cosine", "mse")
 OBJECTIVES = ("latency", "size")
+STRATEGIES = ("greedy", "tpe")
 LATENCY_MARGIN = 0.05  # a latency move must be this much faster to count (timing noise)
 FINAL_TIE = 0.02  # final re-timing: finalists this close to the fastest count as equal
 PRUNE_LEVELS = (0.25, 0.5)
@@ -591,6 +592,69 @@ def pareto_front(results: Iterable[TrialResult], objective: str) -> list[TrialRe
     return out
 
 
+# --- a seeded TPE sampler -------------------------------------------------------------------
+class TPESampler:
+    """Tree-structured Parzen estimator over categorical dimensions (Bergstra et al. 2011).
+
+    ``space`` maps each dimension to its choices. After ``startup`` random points, the
+    observed points are split into the ``gamma`` best (lowest loss) and the rest; each
+    dimension gets a smoothed categorical density for either half (``prior`` pseudo-counts
+    per choice), ``candidates`` points are drawn from the good densities, and the one with
+    the largest ratio good/bad is proposed. Points already observed are not proposed again
+    (while unobserved ones can be found). Deterministic for a given seed.
+    """
+
+    def __init__(self, space: dict[str, Sequence], seed: int = 0, gamma: float = 0.25, candidates: int = 24,
+                 startup: int = 4, prior: float = 1.0):
+        self.space = {k: list(v) for k, v in space.items()}
+        self.rng = random.Random(seed)
+        self.gamma, self.candidates, self.startup, self.prior = gamma, candidates, startup, prior
+        self.history: list[tuple[dict, float]] = []
+
+    def observe(self, point: dict, loss: float) -> None:
+        self.history.append((dict(point), float(loss)))
+
+    def _key(self, point: dict) -> tuple:
+        return tuple(point[k] for k in self.space)
+
+    def _random(self) -> dict:
+        return {k: self.rng.choice(v) for k, v in self.space.items()}
+
+    def suggest(self) -> dict:
+        seen = {self._key(p) for p, _ in self.history}
+        if len(self.history) < self.startup:
+            for _ in range(100):
+                point = self._random()
+                if self._key(point) not in seen:
+                    return point
+            return point
+        ranked = sorted(self.history, key=lambda h: h[1])
+        n_good = max(1, math.ceil(self.gamma * len(ranked)))
+        good, bad = [p for p, _ in ranked[:n_good]], [p for p, _ in ranked[n_good:]]
+
+        def density(points, k):
+            counts = Counter(p.get(k) for p in points)
+            total = len(points) + self.prior * len(self.space[k])
+            return {c: (counts[c] + self.prior) / total for c in self.space[k]}
+
+        l_dens = {k: density(good, k) for k in self.space}
+        g_dens = {k: density(bad, k) for k in self.space}
+        best, best_score = None, -math.inf
+        for _ in range(self.candidates):
+            point = {k: self.rng.choices(v, weights=[l_dens[k][c] for c in v])[0] for k, v in self.space.items()}
+            if self._key(point) in seen:
+                continue
+            score = sum(math.log(l_dens[k][point[k]]) - math.log(g_dens[k][point[k]]) for k in self.space)
+            if score > best_score:
+                best, best_score = point, score
+        if best is None:  # every draw was seen before: fall back to an unseen random point
+            for _ in range(100):
+                best = self._random()
+                if self._key(best) not in seen:
+                    break
+        return best
+
+
 # --- the search ---------------------------------------------------------------------------
 @dataclass
 class TuneResult:
@@ -612,7 +676,11 @@ class TuneResult:
 
 class _Search:
     def __init__(self, runner: TrialRunner, model: onnx.ModelProto, *, max_drop: float, trials: int,
-                 objective: str, seed: int, log_file=None, on_result=None):
+                 objective: str, seed: int, log_file=None, on_result=None, strategy: str = "greedy"):
+        if strategy not in STRATEGIES:
+            raise UsageError(f"--strategy {strategy!r}: expected {' or '.join(STRATEGIES)}")
+        self.strategy = strategy
+        self.seed = seed
         self.runner = runner
         self.model = model
         self.max_drop = max_drop
@@ -709,7 +777,10 @@ class _Search:
         self.order = order
         if not any(self.meets(r) and _static(self.config_of.get(r.pipeline, Config())) for r in self.results):
             self.fallback_phase(base, order)
-        self.improve_phase(order)
+        if self.strategy == "tpe":
+            self.tpe_phase(order)
+        else:
+            self.improve_phase(order)
 
     def uniform_phase(self, first: TrialResult) -> Config:
         """Every uniform configuration (``uniform_configs``) as a trial: they are the
@@ -854,6 +925,84 @@ class _Search:
             current = improved
 
 
+    def loss(self, r: TrialResult) -> float:
+        """What TPE minimises: the objective relative to the float model when the budget
+        holds; above every such value (2 + the overshoot in budgets) when it does not."""
+        if not r.ok:
+            return 1e6
+        if not self.meets(r):
+            return 2.0 + (r.drop - self.max_drop) / max(self.max_drop, 1e-9)
+        if self.objective == "size":
+            return r.size_bytes / self.baseline.size_bytes
+        return latency_key(r) / (latency_key(self.baseline) if self.baseline.rel_latency is None else 1.0)
+
+    def tpe_phase(self, order: list[str]) -> None:
+        """The trials left after the fallback, sampled by TPE over: each quantized layer in
+        float or not, the calibration method, and channel pruning (none, 25%, 50%) where
+        channel pruning is a uniform candidate (small models); the incumbent's other options (weight-only, SmoothQuant,
+        bias correction) stay. Every earlier trial with those options is its history."""
+        current = self.best()
+        base = replace(self.config_of.get(current.pipeline, Config()) if current else Config(), table=False)
+        if base.weight_only:  # per-layer float choices are for static quantization
+            static = [r for r in self.results if self.meets(r) and _static(self.config_of.get(r.pipeline, Config()))]
+            base = replace(self.config_of[static[0].pipeline], table=False) if static else replace(base,
+                                                                                              weight_only=False)
+        layers = [n for n in order]
+        space: dict[str, list] = {f"float:{n}": [False, True] for n in layers}
+        default = pass_default("quantize", "calibration")
+        space["calibration"] = [None] + [c for c in pass_choices("quantize", "calibration") if c not in (default, "random")]
+        if any("prune" in note for _, note in uniform_configs(self.model, self.objective)):
+            space["prune"] = [0.0, *PRUNE_LEVELS]  # small models only, as in the uniform phase
+        sampler = TPESampler(space, seed=self.seed)
+
+        def point_of(cfg: Config) -> dict | None:
+            if (cfg.weight_only, cfg.extra, cfg.prune_layers) != (base.weight_only, base.extra, ()) or \
+                    cfg.calibration not in space["calibration"] or not cfg.quantize:
+                return None
+            if "prune" in space and cfg.sparsity not in space["prune"] or "prune" not in space and cfg.sparsity:
+                return None
+            point = {f"float:{n}": n in cfg.exclude for n in layers}
+            point["calibration"] = cfg.calibration
+            if "prune" in space:
+                point["prune"] = cfg.sparsity
+            return point
+
+        def config_of(point: dict) -> Config:
+            return replace(base, exclude=tuple(n for n in layers if point[f"float:{n}"]),
+                           calibration=point["calibration"], sparsity=point.get("prune", 0.0),
+                           prune_mode=_mode("channels") if point.get("prune") else None)
+
+        for r in self.results:
+            cfg = self.config_of.get(r.pipeline)
+            point = point_of(replace(cfg, table=False)) if cfg is not None else None
+            if point is not None:
+                sampler.observe(point, self.loss(r))
+        while self.left() > 0:
+            batch, keys = [], set()
+            for _ in range(self.batch() * 4):
+                if len(batch) >= min(self.batch(), self.left()):
+                    break
+                point = sampler.suggest()
+                cfg = config_of(point)
+                if len(cfg.exclude) >= len(layers) and layers:  # at least one layer stays quantized
+                    sampler.observe(point, 1e6)
+                    continue
+                if self.tried(cfg) or self.model_key(cfg) in keys:
+                    sampler.observe(point, self.loss(self.by_key[self.model_key(cfg)])
+                                    if self.tried(cfg) else 1e6)
+                    continue
+                keys.add(self.model_key(cfg))
+                batch.append((point, cfg))
+            if not batch:
+                return
+            results = self.evaluate([(cfg, "tpe", f"tpe: {len(cfg.exclude)} in float"
+                                      + (f", {cfg.calibration}" if cfg.calibration else "")
+                                      + (f", prune {cfg.sparsity}" if cfg.sparsity else ""))
+                                     for _, cfg in batch])
+            for (point, _), r in zip(batch, results):
+                sampler.observe(point, self.loss(r))
+
+
 def _static(cfg: Config) -> bool:
     """Static int8 quantization of every layer it covers, nothing pruned."""
     return cfg.quantize and not cfg.weight_only and cfg.sparsity == 0 and not cfg.prune_layers
@@ -975,7 +1124,8 @@ def _final_choice(search: "_Search", evaluator: "Evaluator", feasible: list[Tria
 def tune(model: onnx.ModelProto | str | Path, calibration, eval_data, *, labels=None, metric: str = "top1",
          max_drop: float = 0.01, trials: int = 20, objective: str = "latency", seed: int = 0,
          runner: TrialRunner | None = None, log: str | Path | None = None, on_result=None,
-         repeats: int = 30, threads: int = 1, latency_batch: int = 1, finalists: int = 3) -> TuneResult:
+         repeats: int = 30, threads: int = 1, latency_batch: int = 1, finalists: int = 3,
+         strategy: str = "greedy") -> TuneResult:
     """Search pipelines for the best model whose metric drop is at most ``max_drop``.
 
     ``calibration`` and ``eval_data`` are .npz paths (``eval_data`` may also be a dict of
@@ -993,6 +1143,8 @@ def tune(model: onnx.ModelProto | str | Path, calibration, eval_data, *, labels=
         raise UsageError(f"--max-drop {max_drop!r}: expected a number >= 0")
     if trials < 1:
         raise UsageError(f"--trials {trials}: at least 1 trial is needed")
+    if strategy not in STRATEGIES:
+        raise UsageError(f"--strategy {strategy!r}: expected {' or '.join(STRATEGIES)}")
     resolve_metric(metric)  # usage errors before any work
     source, _ = as_model(model)
     calib = calibration if isinstance(calibration, CalibrationData) else CalibrationData.load(calibration, source)
@@ -1011,7 +1163,7 @@ def tune(model: onnx.ModelProto | str | Path, calibration, eval_data, *, labels=
     runner = runner or SerialRunner()
     log_file = open(log, "w") if log is not None else None
     search = _Search(runner, source, max_drop=max_drop, trials=trials, objective=objective, seed=seed,
-                     log_file=log_file, on_result=on_result)
+                     log_file=log_file, on_result=on_result, strategy=strategy)
     interrupted = False
     try:
         runner.start(task)
@@ -1068,7 +1220,8 @@ def _fmt_objective(r: TrialResult | None) -> str:
 
 def run_cli(model_path: Path, output: Path, calibration_data: Path, eval_data: Path, *, labels: Path | None,
             metric: str, max_drop: float, trials: int, objective: str, log: Path | None, seed: int,
-            workers: int, repeats: int, latency_batch: int, quiet: bool, echo=print) -> int:
+            workers: int, repeats: int, latency_batch: int, quiet: bool, echo=print,
+            strategy: str = "greedy") -> int:
     """``opc tune``: search, write the winner (or the closest miss), print; return the exit code."""
     from opc.errors import EXIT_INTERRUPTED
     from opc.ir import load_model, save_model
@@ -1080,6 +1233,8 @@ def run_cli(model_path: Path, output: Path, calibration_data: Path, eval_data: P
         raise UsageError(f"--max-drop {max_drop}: expected a number >= 0")
     if trials < 1:
         raise UsageError(f"--trials {trials}: at least 1")
+    if strategy not in STRATEGIES:
+        raise UsageError(f"--strategy {strategy!r}: expected {' or '.join(STRATEGIES)}")
     if repeats < 1 or latency_batch < 1:
         raise UsageError("--repeats and --latency-batch must be >= 1")
     if output.exists() and output.is_dir():
@@ -1118,7 +1273,7 @@ def run_cli(model_path: Path, output: Path, calibration_data: Path, eval_data: P
     with progress:
         result = tune(source, calibration_data, eval_data, labels=labels, metric=metric, max_drop=max_drop,
                       trials=trials, objective=objective, seed=seed, runner=runner, log=log, on_result=on_result,
-                      repeats=repeats, latency_batch=latency_batch)
+                      repeats=repeats, latency_batch=latency_batch, strategy=strategy)
     if result.best is None or result.model is None:
         errors = [r.error for r in result.results if r.error]
         raise OpcError("tune: no configuration could be evaluated" + (f" (first error: {errors[0]})" if errors else ""))
