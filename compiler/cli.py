@@ -380,6 +380,7 @@ def tune_cmd(
     objective: str = typer.Option("latency", "--objective", help="latency | size"),
     log: Optional[Path] = typer.Option(None, "--log", help="write every trial as a JSON line"),
     seed: int = typer.Option(0, "--seed", help="seed of the search order"),
+    strategy: str = typer.Option("greedy", "--strategy", help="greedy | tpe (after the fallback)"),
     workers: int = typer.Option(0, "--workers", help="parallel trial processes (0: half the cores, 1: serial)"),
     repeats: int = typer.Option(30, "--repeats", help="timed runs per latency measurement"),
     latency_batch: int = typer.Option(1, "--latency-batch", help="samples per timed run"),
@@ -392,7 +393,7 @@ def tune_cmd(
 
     rc = run_cli(model, output, calibration_data, eval_data, labels=labels, metric=metric, max_drop=max_drop,
                  trials=trials, objective=objective, log=log, seed=seed, workers=workers, repeats=repeats,
-                 latency_batch=latency_batch, quiet=quiet, echo=_out)
+                 latency_batch=latency_batch, quiet=quiet, echo=_out, strategy=strategy)
     if rc:
         raise typer.Exit(rc)
 
