@@ -439,7 +439,7 @@ def _stacked_lstm(node, xp, L):
         def cols(q, li):
             return slice(q * HS + offs[li], q * HS + offs[li] + Hs[li])
 
-        wc = xp.zeros((D, 4 * HS), dtype=dt)
+        wc = xp.zeros((D, 4 * Hs[0]), dtype=dt)  # layer 0's input weights, gates (o, i, f, g)
         rc = xp.zeros((HS, 4 * HS), dtype=dt)
         bc = xp.zeros((4 * HS,), dtype=dt)
         for li in range(L):
@@ -449,13 +449,14 @@ def _stacked_lstm(node, xp, L):
             for q, g in enumerate(order):
                 blk = slice(g * H, (g + 1) * H)
                 if li == 0:
-                    wc[:, cols(q, 0)] = w[blk].T
+                    wc[:, q * H:(q + 1) * H] = w[blk].T
                 else:  # the previous layer's h is this layer's input
                     rc[offs[li - 1]:offs[li - 1] + Hs[li - 1], cols(q, li)] = w[blk].T
                 rc[rows, cols(q, li)] = r[blk].T
                 if b is not None:
                     bc[cols(q, li)] = b[0, blk] + b[0, 4 * H:][blk]
-        for a in (wc, rc, bc):
+        wc[:, :3 * Hs[0]] *= dt.type(0.5)
+        for a in (rc, bc):
             a[..., :3 * HS] *= dt.type(0.5)
         res = (Hs, offs, wc, rc, bc)
         cache["w"] = (key, res)
@@ -482,10 +483,13 @@ def _stacked_lstm(node, xp, L):
         if seq == 0:
             return [y, init_h[None, :, last].copy(), init_c[None, :, last].copy()]
         n = seq + L - 1
+        # all steps' gate inputs: the biases, plus layer 0's input projection (one GEMM over its
+        # own columns only, added into the four gate blocks through one strided view)
         xw = xp.empty((n, batch, 4 * HS), dtype=dt)
-        xp.matmul(x.reshape(seq * batch, x.shape[2]), wc, out=xw[:seq].reshape(seq * batch, 4 * HS))
-        xw[seq:] = 0
-        xw += bc
+        xw[...] = bc
+        proj = xp.matmul(x.reshape(seq * batch, x.shape[2]), wc).reshape(seq * batch, 4, Hs[0])
+        blocks = xw.reshape(n * batch, 4, HS)[:seq * batch, :, :Hs[0]]
+        xp.add(blocks, proj, out=blocks)
         hbuf = xp.empty((n, batch, HS), dtype=dt)
         bufs = _step_buffers(xp, batch, HS, dt)
         c = bufs[-1]
@@ -497,14 +501,14 @@ def _stacked_lstm(node, xp, L):
             # steps where no layer starts or ends run as one batch of steps
             stop = k + 1 if k < L - 1 or k >= seq - 1 else seq - 1
             h = _lstm_steps(xp, bufs, rc, xw, h, [(j, hbuf[j]) for j in range(k, stop)])
-            for j in range(k, stop):
+            if stop == k + 1:  # (the batch in the middle holds no such step)
                 for li in range(1, L):
-                    if j < li:  # layer li has not started: back to its initial state
+                    if k < li:  # layer li has not started: back to its initial state
                         part = slice(offs[li], offs[li] + Hs[li])
-                        hbuf[j][:, part] = init_h[:, part]
+                        hbuf[k][:, part] = init_h[:, part]
                         c[:, part] = init_c[:, part]
                 for li in range(L):
-                    if j == seq - 1 + li:
+                    if k == seq - 1 + li:
                         finals[li] = c[:, offs[li]:offs[li] + Hs[li]].copy()
             k = stop
         y[:, 0] = hbuf[L - 1:, :, last]
