@@ -185,55 +185,68 @@ def _roi_align(node, xp):
     scale = float(node.a("spatial_scale", 1.0))
     half = node.a("coordinate_transformation_mode", "half_pixel" if node.opset >= 16 else "output_half_pixel") \
         == "half_pixel"
+    if mode not in ("avg", "max"):
+        node.fail(f"mode '{mode}' is not avg/max")
 
     def axis(start, bin_size, pooled, grid, size):
-        """Sample positions along one axis: low/high indices, weights and validity, (pooled*grid,)."""
+        """Sample positions of R boxes along one axis: low/high indices and the weights of each
+        (zero outside [-1, size]), all (R, pooled*grid)."""
         k = np.arange(pooled * grid)
-        pos = start + (k // grid) * bin_size + ((k % grid) + 0.5) * bin_size / grid
+        pos = start[:, None] + (k // grid) * bin_size[:, None] + ((k % grid) + 0.5) * (bin_size / grid)[:, None]
         valid = (pos >= -1.0) & (pos <= size)
         pos = np.maximum(pos, 0)
         low = pos.astype(np.int64)
         edge = low >= size - 1
         low = np.where(edge, size - 1, low)
         high = np.where(edge, size - 1, low + 1)
-        pos = np.where(edge, low, pos)
-        frac = pos - low
-        return low, high, np.where(valid, frac, 0), np.where(valid, 1 - frac, 0)
+        frac = np.where(edge, 0.0, pos - low)
+        return low, high, np.where(valid, 1 - frac, 0), np.where(valid, frac, 0)
 
     def run(ins, outs, ws):
         x, rois, bidx = ins
         n_roi = rois.shape[0]
         c, h, w = x.shape[1:]
-        r_host = to_host(rois).astype(np.float64)
-        b_host = host_ints(bidx)
-        res = xp.empty((n_roi, c, ph, pw), dtype=x.dtype)
-        off = 0.5 if half else 0.0
+        box = to_host(rois).astype(np.float64) * scale - (0.5 if half else 0.0)
+        b_host = np.asarray(host_ints(bidx), dtype=np.int64)
+        rw, rh = box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]
+        if not half:
+            rw, rh = np.maximum(rw, 1.0), np.maximum(rh, 1.0)
+        gh = np.full(n_roi, ratio) if ratio > 0 else np.ceil(rh / ph).astype(np.int64)
+        gw = np.full(n_roi, ratio) if ratio > 0 else np.ceil(rw / pw).astype(np.int64)
+        res = xp.zeros((n_roi, c, ph, pw), dtype=x.dtype)
         for r in range(n_roi):
-            x0, y0, x1, y1 = (r_host[r] * scale - off).tolist()
-            rw, rh = x1 - x0, y1 - y0
-            if not half:
-                rw, rh = max(rw, 1.0), max(rh, 1.0)
-            gh = ratio if ratio > 0 else int(math.ceil(rh / ph))
-            gw = ratio if ratio > 0 else int(math.ceil(rw / pw))
-            yl, yh, ly, hy = axis(y0, rh / ph, ph, gh, h)
-            xl, xh, lx, hx = axis(x0, rw / pw, pw, gw, w)
-            img = x[b_host[r]]
-            terms = []
-            for yi, wy in ((yl, hy), (yh, ly)):
-                for xi, wx in ((xl, hx), (xh, lx)):
-                    wgt = xp.asarray((wy[:, None] * wx[None, :]).astype(np.float32)).astype(x.dtype)
-                    terms.append(img[:, xp.asarray(yi)[:, None], xp.asarray(xi)[None, :]] * wgt)
-            if gh * gw == 0:
-                res[r] = 0
-                continue
+            sh, sw = int(gh[r]), int(gw[r])
+            if sh * sw == 0:
+                continue  # an empty grid averages nothing: zeros
+            yl, yh, wyl, wyh = (a[0] for a in axis(box[r:r + 1, 1], rh[r:r + 1] / ph, ph, sh, h))
+            xl, xh, wxl, wxh = (a[0] for a in axis(box[r:r + 1, 0], rw[r:r + 1] / pw, pw, sw, w))
+            y0, y1, x0, x1 = int(yl.min()), int(yh.max()) + 1, int(xl.min()), int(xh.max()) + 1
+            crop = x[b_host[r], :, y0:y1, x0:x1]
             if mode == "avg":
-                v = (terms[0] + terms[1] + terms[2] + terms[3]).reshape(c, ph, gh, pw, gw)
-                res[r] = v.sum(axis=(2, 4)) / max(gh * gw, 1)
-            else:
+                # bilinear weights are separable: the bin averages are Ay @ crop @ Ax^T
+                ay, ax = _bin_matrix(yl - y0, yh - y0, wyl, wyh, ph, sh, y1 - y0), \
+                    _bin_matrix(xl - x0, xh - x0, wxl, wxh, pw, sw, x1 - x0)
+                v = xp.matmul(xp.matmul(xp.asarray(ay.astype(x.dtype)), crop), xp.asarray(ax.T.astype(x.dtype)))
+            else:  # the largest weighted corner of each sample, then the largest sample
+                terms = []
+                for yi, wy in ((yl - y0, wyl), (yh - y0, wyh)):
+                    for xi, wx in ((xl - x0, wxl), (xh - x0, wxh)):
+                        wgt = xp.asarray((wy[:, None] * wx[None, :]).astype(x.dtype))
+                        terms.append(crop[:, xp.asarray(yi)[:, None], xp.asarray(xi)[None, :]] * wgt)
                 v = xp.maximum(xp.maximum(terms[0], terms[1]), xp.maximum(terms[2], terms[3]))
-                res[r] = v.reshape(c, ph, gh, pw, gw).max(axis=(2, 4))
+                v = v.reshape(c, ph, sh, pw, sw).max(axis=(2, 4))
+            res[r] = v
         return res
     return run
+
+
+def _bin_matrix(low, high, w_low, w_high, pooled, grid, size):
+    """(pooled, size) host matrix: row p averages the bilinear weights of bin p's samples."""
+    m = np.zeros((pooled, size))
+    bins = np.arange(pooled * grid) // grid
+    np.add.at(m, (bins, low), w_low)
+    np.add.at(m, (bins, high), w_high)
+    return m / grid
 
 
 @kernel("AffineGrid", dynamic=True)
