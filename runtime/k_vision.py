@@ -157,21 +157,26 @@ def _nms(node, xp):
         sc = to_host(scores)
         picked = []
         for bi in range(nb):
+            # who suppresses whom, as short lists: pairs over the IoU threshold are few
+            rows, cols = np.nonzero(sup[bi])
+            starts = np.searchsorted(rows, np.arange(n + 1)).tolist()
+            cols = cols.tolist()
+            orders = np.argsort(-sc[bi], axis=1, kind="stable")  # equal scores: lower box index first
             for ci in range(nc):
-                s = sc[bi, ci]
-                order = np.argsort(-s, kind="stable")  # equal scores: lower box index first
+                s, order = sc[bi, ci], orders[ci]
                 if score_thr is not None:
                     order = order[s[order] > score_thr]
-                dead = np.zeros(n, dtype=bool)
+                dead = bytearray(n)
                 kept = 0
-                for j in order:
+                for j in order.tolist():
                     if dead[j]:
                         continue
                     picked.append((bi, ci, j))
                     kept += 1
                     if kept >= max_out:
                         break
-                    dead |= sup[bi, j]
+                    for i in cols[starts[j]:starts[j + 1]]:
+                        dead[i] = 1
         res = np.array(picked, dtype=np.int64).reshape(-1, 3)
         return xp.asarray(res)
     return run
