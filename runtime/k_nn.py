@@ -21,6 +21,9 @@ from opc.runtime.registry import const_input, kernel, out_if
 CHUNK_BYTES = 8 << 20  # target size of one batch chunk's im2col buffer
 GATHER_MAX_L = 1024  # depthwise: output rows (Ho * Wq) up to this gather taps for a matmul
 COLS_BLOCK_BYTES = 1 << 20  # depthwise gather block (stays in cache)
+WINO_CHUNK_BYTES = 16 << 20  # Winograd: target scratch of one batch chunk
+WINO_MIN_MACS = 8_000_000  # Winograd only for convs this large (its ~40 calls cost more on small ones)
+WINO_MIN_TILES = 32  # fewer tiles: the GEMMs stream U (16/9 of the weights) for too little work
 
 
 # ---------------------------------------------------------------- geometry
@@ -112,7 +115,19 @@ def _conv_plan(node, x_shape, w_shape, itemsize):
         return dict(kind="gemm", strides=strides, dil=dil, pads=pads, outs=outs, ws=_align(sub * itemsize))
     Cg = C // g
     prodK = int(math.prod(K))
-    if nsp == 2 and strides == [1, 1]:
+    if nsp == 2 and K == [3, 3] and strides == [1, 1] and dil == [1, 1] and g == 1 and itemsize == 4 \
+            and C >= 16 and M >= 16 and min(outs) >= 2 and M * C * 9 * prodO >= WINO_MIN_MACS \
+            and N * -(-outs[0] // 2) * -(-outs[1] // 2) >= WINO_MIN_TILES:
+        th, tw = -(-outs[0] // 2), -(-outs[1] // 2)
+        per_img = (2 * C * (th + 1) * 2 * (tw + 1) + 4 * C * th * 2 * (tw + 1) + 16 * C * th * tw
+                   + 16 * M * th * tw + 8 * M * th * tw) * itemsize
+        chunk = max(1, min(N, WINO_CHUNK_BYTES // per_img))
+        sizes = [2 * C * (th + 1) * 2 * (tw + 1), 4 * C * th * 2 * (tw + 1), 16 * C * th * tw, 16 * M * th * tw,
+                 8 * M * th * tw]
+        return dict(kind="winograd", strides=strides, dil=dil, pads=pads, outs=outs, th=th, tw=tw, chunk=chunk,
+                    ws=sum(_align(chunk * n * itemsize) for n in sizes))
+    # on the padded width the GEMM also computes Wp - Wo junk columns: not worth it on narrow images
+    if nsp == 2 and strides == [1, 1] and (pads[1] + pads[3] + (K[1] - 1) * dil[1]) * 8 <= outs[1]:
         Hp, Wp = x_shape[2] + pads[0] + pads[2], x_shape[3] + pads[1] + pads[3]
         slack = (K[1] - 1) * dil[1]
         per_img = _align((C * Hp * Wp + slack) * itemsize) + _align(Cg * prodK * outs[0] * Wp * itemsize) \
@@ -182,6 +197,8 @@ def _conv(node, xp):
             return _depthwise_wide(xp, node, x, w, b, y, p, ws, wcache)
         elif kind == "wide":
             return _conv_wide(xp, node, x, w, b, y, p, ws)
+        elif kind == "winograd":
+            return _conv_winograd(xp, node, x, _winograd_weights(xp, node, w, wcache), b, y, p, ws)
         else:
             y = _conv_im2col(xp, node, x, w, b, y, p, ws)
         return apply_post(xp, node, y)
@@ -336,6 +353,101 @@ def _conv_wide(xp, node, x, w, b, y, p, ws):
             else:
                 dst[...] = acc[:, :, :Wo]
             apply_post(xp, node, dst)  # while the image's output is still in cache
+    return y
+
+
+_WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def _winograd_weights(xp, node, w, cache):
+    """U = G w G^T per (input, output) channel pair as (16, M, C): the 16 transformed-domain
+    GEMM operands; kept across runs for a constant weight."""
+    hit = cache.get("wino")
+    if hit is not None and hit[0] is w and const_input(node, 1):
+        return hit[1]
+    G = xp.asarray(np.array(_WINO_G, dtype=np.float64))
+    u = xp.matmul(xp.matmul(G, w.astype(xp.float64)), G.T)  # (M, C, 4, 4)
+    u = xp.ascontiguousarray(u.transpose(2, 3, 0, 1).reshape(16, w.shape[0], w.shape[1]).astype(w.dtype))
+    cache["wino"] = (w, u)
+    return u
+
+
+def _conv_winograd(xp, node, x, u, b, y, p, ws):
+    """3x3 stride-1 conv as Winograd F(2x2, 3x3): every 2x2 output tile is A^T [(G w G^T) * (B^T d B)] A
+    over its 4x4 input tile d, so the multiply-adds become 16 GEMMs (M, C) x (C, tiles), 2.25x fewer
+    than direct. The padded input is stored split into its four (row, column) parity phases, so
+    that the input transform reads, for every tile element, a shifted contiguous window of one
+    phase rather than a stride-2 view; channels lead (C, images, ...) so that the transformed
+    tiles are already the GEMM's (C, tiles) operand. The bias is added once in the transformed
+    domain at (1, 1), whose output transform puts it on all four outputs of the tile."""
+    N, C, H, W = x.shape
+    M = u.shape[1]
+    Ho, Wo = p["outs"]
+    th, tw, chunk = p["th"], p["tw"], p["chunk"]
+    pt, pl = p["pads"][0], p["pads"][1]
+    dt = x.dtype
+    e_b, off = _take(ws, 0, (2, C, chunk, th + 1, 2, tw + 1), dt, xp)
+    t_b, off = _take(ws, off, (4, C, chunk, th, 2, tw + 1), dt, xp)
+    v_b, off = _take(ws, off, (4, 4, C, chunk * th * tw), dt, xp)
+    m_b, off = _take(ws, off, (16, M, chunk * th * tw), dt, xp)
+    s_b, off = _take(ws, off, (2, 4, M, chunk * th * tw), dt, xp)
+    sub, add = xp.subtract, xp.add
+    phases = []
+    for rp in range(2):
+        u0, r0 = _phase_range(rp, pt, 2, H)
+        for cp in range(2):
+            v0, c0 = _phase_range(cp, pl, 2, W)
+            phases.append((rp, cp, u0, r0, v0, c0))
+    for n0 in range(0, N, chunk):
+        nb = min(chunk, N - n0)
+        P = nb * th * tw
+        e, t = e_b[:, :, :nb], t_b[:, :, :nb]
+        v, m, sm = v_b[..., :P], m_b[..., :P], s_b[..., :P]
+        if nb < chunk:  # contiguous operands for the GEMM
+            v = v_b.reshape(-1)[:16 * C * P].reshape(4, 4, C, P)
+            m = m_b.reshape(-1)[:16 * M * P].reshape(16, M, P)
+            sm = s_b.reshape(-1)[:8 * M * P].reshape(2, 4, M, P)
+        e[...] = 0
+        xs = x[n0:n0 + nb].transpose(1, 0, 2, 3)
+        for rp, cp, u0, r0, v0, c0 in phases:
+            part = xs[:, :, r0::2, c0::2]
+            e[rp, :, :, u0:u0 + part.shape[2], cp, v0:v0 + part.shape[3]] = part
+        # B^T d: rows i of the tile are row phase i % 2 shifted by i // 2
+        d = [e[i % 2, :, :, i // 2:i // 2 + th] for i in range(4)]
+        sub(d[0], d[2], out=t[0])
+        add(d[1], d[2], out=t[1])
+        sub(d[2], d[1], out=t[2])
+        sub(d[1], d[3], out=t[3])
+        # (B^T d) B: the same over columns, into the GEMM operand
+        v6 = v.reshape(4, 4, C, nb, th, tw)
+        for a in range(4):
+            c = [t[a, :, :, :, j % 2, j // 2:j // 2 + tw] for j in range(4)]
+            sub(c[0], c[2], out=v6[a, 0])
+            add(c[1], c[2], out=v6[a, 1])
+            sub(c[2], c[1], out=v6[a, 2])
+            sub(c[1], c[3], out=v6[a, 3])
+        xp.matmul(u, v.reshape(16, C, P), out=m)
+        if b is not None:
+            add(m[5], b.reshape(M, 1), out=m[5])
+        # A^T m A: rows (0: m0 + m1 + m2, 1: m1 - m2 - m3), then columns, into the output's parities
+        add(m[0:4], m[4:8], out=sm[0])
+        add(sm[0], m[8:12], out=sm[0])
+        sub(m[4:8], m[8:12], out=sm[1])
+        sub(sm[1], m[12:16], out=sm[1])
+        yt = y[n0:n0 + nb].transpose(1, 0, 2, 3)
+        for r in range(2):
+            s5 = sm[r].reshape(4, M, nb, th, tw)
+            for cc in range(2):
+                dst = yt[:, :, r::2, cc::2]
+                hh, ww = dst.shape[2], dst.shape[3]
+                q = [s5[k, :, :, :hh, :ww] for k in range(4)]
+                if cc == 0:
+                    add(q[0], q[1], out=dst)
+                    add(dst, q[2], out=dst)
+                else:
+                    sub(q[1], q[2], out=dst)
+                    sub(dst, q[3], out=dst)
+        apply_post(xp, node, y[n0:n0 + nb])
     return y
 
 

@@ -436,3 +436,45 @@ def test_stacked_lstm_single_step_sequence():
     model, feeds = _stacked_lstm_model((4, 4, 4), 2, (0, 1, 2), True, seq=1)
     sess = _check(model, feeds, runs=2)
     assert [st.node.op_type for st in sess.program.steps].count("LSTM") == 1
+
+
+@pytest.mark.parametrize("n,c,m,h,w,pads,act,bias", [
+    (1, 32, 48, 30, 30, (1, 1, 1, 1), "Relu", True),   # even output: whole tiles
+    (2, 32, 48, 31, 27, (1, 0, 1, 2), "", False),      # odd outputs, asymmetric pads, no bias
+    (12, 32, 32, 30, 30, (1, 1, 1, 1), "Relu", True),  # several batch chunks, the last one partial
+    (1, 16, 64, 40, 33, (0, 0, 0, 0), "", True)])      # no padding
+def test_winograd_conv_matches_ort(n, c, m, h, w, pads, act, bias):
+    """3x3 stride-1 convs large enough run as Winograd F(2x2, 3x3): same outputs as ORT."""
+    from opc.runtime import k_nn
+
+    rng = np.random.default_rng(n + c + h)
+    wt = (rng.standard_normal((m, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+    inits = [numpy_helper.from_array(wt, "W")]
+    ins = ["x", "W"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(m).astype(np.float32), "B"))
+        ins.append("B")
+    nodes = [helper.make_node("Conv", ins, ["c" if act else "y"], kernel_shape=[3, 3], pads=list(pads))]
+    if act:
+        nodes.append(helper.make_node(act, ["c"], ["y"]))
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (n, c, h, w))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits),
+        opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    node = rt.registry.Node("Conv", "", "c", ins, ["y"], {"kernel_shape": [3, 3], "pads": list(pads)}, 17)
+    plan = k_nn._conv_plan(node, (n, c, h, w), wt.shape, 4)
+    assert plan["kind"] == "winograd"
+    assert (plan["chunk"] < n) == (n == 12)
+    _check(model, {"x": rng.standard_normal((n, c, h, w)).astype(np.float32)}, runs=3)
+
+
+def test_small_or_few_tile_convs_are_not_winograd():
+    from opc.runtime import k_nn
+    from opc.runtime.registry import Node
+
+    node = Node("Conv", "", "c", ["x", "w"], ["y"], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, 17)
+    assert k_nn._conv_plan(node, (1, 512, 7, 7), (512, 512, 3, 3), 4)["kind"] == "im2col"  # 16 tiles
+    assert k_nn._conv_plan(node, (8, 512, 7, 7), (512, 512, 3, 3), 4)["kind"] == "winograd"
+    assert k_nn._conv_plan(node, (1, 8, 32, 32), (8, 8, 3, 3), 4)["kind"] == "wide"  # few multiply-adds
+    assert k_nn._conv_plan(node, (1, 64, 56, 56), (64, 64, 3, 3), 8)["kind"] == "wide"  # float64
