@@ -268,3 +268,38 @@ def _causal_conv(node, xp):
             y = (y32 / (1 + xp.exp(-y32))).astype(x.dtype)
         return [y, xp.ascontiguousarray(padded[:, :, padded.shape[2] - (k - 1):])]
     return run
+
+
+@kernel("FlexAttention", domain="ai.onnx.preview")
+def _flex_attention(node, xp):
+    from opc.runtime.k_control import _captured
+
+    scale_attr = node.a("scale")
+    precision = node.a("softmax_precision")
+    score_mod, prob_mod = node.subgraphs.get("score_mod"), node.subgraphs.get("prob_mod")
+
+    def run(ins, outs, ws):
+        q, k, v = ins[:3]
+        cap = _captured(node, ins)
+        b, hq, sq, d = q.shape
+        hk, skv, dv = k.shape[1], k.shape[2], v.shape[3]
+        if hq % hk:
+            node.fail(f"{hq} query heads are not a multiple of {hk} key/value heads")
+        group = hq // hk
+        scale = scale_attr if scale_attr is not None else 1.0 / math.sqrt(d)
+        s = q.dtype.type(math.sqrt(np.float32(scale)))
+        kt = xp.ascontiguousarray((k * s).transpose(0, 1, 3, 2))
+        scores = xp.matmul((q * s).reshape(b, hk, group * sq, d), kt).reshape(b, hq, sq, skv)
+        # softmax runs in softmax_precision, else at least float32
+        cdt = np_dtype(int(precision)) if precision is not None else \
+            (np.dtype(np.float32) if q.dtype.itemsize < 4 else q.dtype)
+        scores = scores.astype(cdt)
+        if score_mod is not None:
+            scores = xp.asarray(score_mod.run([scores], cap(score_mod))[0]).astype(cdt)
+        scores = xp.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs = scores / scores.sum(axis=-1, keepdims=True)
+        if prob_mod is not None:
+            probs = xp.asarray(prob_mod.run([probs], cap(prob_mod))[0]).astype(cdt)
+        y = xp.matmul(probs.reshape(b, hk, group * sq, skv), v.astype(cdt)).reshape(b, hq, sq, dv)
+        return y.astype(v.dtype)
+    return run

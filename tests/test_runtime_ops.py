@@ -350,3 +350,55 @@ def test_pytorch_sdpa_export_runs_as_one_attention_node(tmp_path, masked):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     if not masked:  # ORT 1.31 rejects a (B, 1, 1, S) mask (it wants the query length spelled out)
         _check(model, feeds, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- classic ML
+def _forest_model(forest):
+    """A fitted sklearn forest of regression trees as one ai.onnx.ml TreeEnsemble node (double)."""
+    keys = ("nodes_featureids", "nodes_splits", "nodes_modes", "nodes_truenodeids", "nodes_falsenodeids",
+            "nodes_trueleafs", "nodes_falseleafs", "leaf_targetids", "leaf_weights", "tree_roots")
+    a = {k: [] for k in keys}
+    for est in forest.estimators_:
+        t = est.tree_
+        inner = [i for i in range(t.node_count) if t.children_left[i] != -1]
+        leaves = [i for i in range(t.node_count) if t.children_left[i] == -1]
+        node_of = {n: len(a["nodes_modes"]) + k for k, n in enumerate(inner)}
+        leaf_of = {n: len(a["leaf_weights"]) + k for k, n in enumerate(leaves)}
+        a["tree_roots"].append(node_of[0])
+        for n in inner:
+            a["nodes_featureids"].append(int(t.feature[n]))
+            a["nodes_splits"].append(float(t.threshold[n]))
+            a["nodes_modes"].append(0)  # sklearn goes left when x <= threshold
+            for side, child in (("true", t.children_left[n]), ("false", t.children_right[n])):
+                is_leaf = t.children_left[child] == -1
+                a[f"nodes_{side}leafs"].append(int(is_leaf))
+                a[f"nodes_{side}nodeids"].append(leaf_of[child] if is_leaf else node_of[child])
+        for n in leaves:
+            a["leaf_targetids"].append(0)
+            a["leaf_weights"].append(float(t.value[n].reshape(-1)[0]))
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, [None, forest.n_features_in_])
+    attrs = {k: v for k, v in a.items() if k not in ("nodes_splits", "leaf_weights", "nodes_modes")}
+    attrs["nodes_splits"] = helper.make_tensor("s", onnx.TensorProto.DOUBLE, [len(a["nodes_splits"])], a["nodes_splits"])
+    attrs["leaf_weights"] = helper.make_tensor("w", onnx.TensorProto.DOUBLE, [len(a["leaf_weights"])], a["leaf_weights"])
+    attrs["nodes_modes"] = helper.make_tensor("m", onnx.TensorProto.UINT8, [len(a["nodes_modes"])], a["nodes_modes"])
+    node = helper.make_node("TreeEnsemble", ["x"], ["y"], domain="ai.onnx.ml", n_targets=1,
+                            aggregate_function=0, **attrs)
+    m = helper.make_model(helper.make_graph([node], "forest", [x], [helper.make_value_info("y", onnx.TypeProto())]),
+                          opset_imports=[helper.make_opsetid("ai.onnx.ml", 5), helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    return m
+
+
+def test_tree_ensemble_of_a_random_forest_on_digits_matches_sklearn_and_ort():
+    sklearn = pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+    from sklearn.ensemble import RandomForestRegressor
+
+    del sklearn
+    x, y = load_digits(return_X_y=True)
+    forest = RandomForestRegressor(n_estimators=6, max_depth=7, random_state=0).fit(x[:1200], y[:1200])
+    model = _forest_model(forest)
+    feeds = {"x": x[1200:].astype(np.float64)}
+    got = rt.Session(model, backend="numpy").run(None, feeds)[0]
+    np.testing.assert_allclose(got.reshape(-1), forest.predict(feeds["x"]), rtol=1e-12, atol=1e-12)
+    _check(model, feeds, rtol=1e-12, atol=1e-12)
