@@ -1,5 +1,6 @@
 """Classic-ML and training-optimizer kernels: ai.onnx.ml Binarizer, ArrayFeatureExtractor,
-TreeEnsemble; TfIdfVectorizer (integer n-grams); ai.onnx.preview.training Adagrad, Adam, Momentum.
+TreeEnsemble; TfIdfVectorizer (integer n-grams; every window is compared with every pool n-gram
+of its length, fine for small pools); ai.onnx.preview.training Adagrad, Adam, Momentum.
 
 TreeEnsemble walks every (sample, tree) pair one level per step, all pairs at once, so the
 number of steps is the depth of the deepest tree (found at load), not the number of nodes.
@@ -115,6 +116,62 @@ def _tree_ensemble(node, xp):
             vals = xp.where(onehot, w[..., None], fill)
             y = vals.min(axis=1) if agg == 2 else vals.max(axis=1)
         return y.astype(x.dtype)
+    return run
+
+
+@kernel("TfIdfVectorizer")
+def _tfidf(node, xp):
+    if node.a("pool_strings") is not None:
+        node.fail("string pools are not supported (tensors of strings are out of scope)")
+    lo, hi = int(node.a("min_gram_length")), int(node.a("max_gram_length"))
+    skips = int(node.a("max_skip_count"))
+    mode = node.a("mode")
+    counts = list(node.a("ngram_counts"))
+    out_index = np.asarray(node.a("ngram_indexes"), dtype=np.int64)
+    pool = np.asarray(node.a("pool_int64s"), dtype=np.int64)
+    weights = node.a("weights")
+    size = int(out_index.max()) + 1
+    grams = {}  # n -> (pool n-grams (G, n), one-hot (G, size) to their output columns)
+    first_id = 0
+    for k, begin in enumerate(counts):  # pool segment k holds the (k+1)-grams
+        n = k + 1
+        end = counts[k + 1] if k + 1 < len(counts) else len(pool)
+        g = pool[begin:end].reshape(-1, n)
+        ids = np.arange(first_id, first_id + len(g))
+        first_id += len(g)
+        if lo <= n <= hi and len(g):
+            onehot = (out_index[ids][:, None] == np.arange(size)).astype(np.float32)
+            grams[n] = (xp.asarray(g), xp.asarray(onehot))
+    w = None
+    if weights is not None:  # weights[i] belongs to pool n-gram i, i.e. to output column ngram_indexes[i]
+        cols = np.zeros(size, np.float32)
+        cols[out_index] = np.asarray(weights, dtype=np.float32)
+        w = xp.asarray(cols)
+
+    def run(ins, outs, ws):
+        x = ins[0]
+        rows = x.reshape(1, -1) if x.ndim == 1 else x
+        freq = xp.zeros((rows.shape[0], size), dtype=xp.float32)
+        for d in range(1, skips + 2):
+            for n, (g, onehot) in grams.items():
+                if n == 1 and d > 1:
+                    continue  # a unigram has no gaps: counted once, at skip distance 1
+                span = rows.shape[1] - (n - 1) * d
+                if span <= 0:
+                    continue
+                idx = xp.arange(span).reshape(-1, 1) + xp.arange(n).reshape(1, -1) * d
+                win = rows[:, idx].astype(xp.int64)  # (B, P, n)
+                hits = (win[:, :, None, :] == g[None, None]).all(axis=-1).sum(axis=1)  # (B, G)
+                freq += xp.matmul(hits.astype(xp.float32), onehot)
+        if mode == "IDF":
+            y = xp.where(freq > 0, w if w is not None else 1, 0).astype(xp.float32)
+        elif mode == "TFIDF" and w is not None:
+            y = freq * w
+        elif mode in ("TF", "TFIDF"):
+            y = freq
+        else:
+            node.fail(f"mode '{mode}' is not TF/IDF/TFIDF")
+        return y.reshape(size) if x.ndim == 1 else y
     return run
 
 

@@ -378,8 +378,8 @@ def _forest_model(forest):
             a["leaf_weights"].append(float(t.value[n].reshape(-1)[0]))
     x = helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, [None, forest.n_features_in_])
     attrs = {k: v for k, v in a.items() if k not in ("nodes_splits", "leaf_weights", "nodes_modes")}
-    attrs["nodes_splits"] = helper.make_tensor("s", onnx.TensorProto.DOUBLE, [len(a["nodes_splits"])], a["nodes_splits"])
-    attrs["leaf_weights"] = helper.make_tensor("w", onnx.TensorProto.DOUBLE, [len(a["leaf_weights"])], a["leaf_weights"])
+    for key, name in (("nodes_splits", "s"), ("leaf_weights", "w")):
+        attrs[key] = helper.make_tensor(name, onnx.TensorProto.DOUBLE, [len(a[key])], a[key])
     attrs["nodes_modes"] = helper.make_tensor("m", onnx.TensorProto.UINT8, [len(a["nodes_modes"])], a["nodes_modes"])
     node = helper.make_node("TreeEnsemble", ["x"], ["y"], domain="ai.onnx.ml", n_targets=1,
                             aggregate_function=0, **attrs)
@@ -402,3 +402,17 @@ def test_tree_ensemble_of_a_random_forest_on_digits_matches_sklearn_and_ort():
     got = rt.Session(model, backend="numpy").run(None, feeds)[0]
     np.testing.assert_allclose(got.reshape(-1), forest.predict(feeds["x"]), rtol=1e-12, atol=1e-12)
     _check(model, feeds, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["TF", "IDF", "TFIDF"])
+@pytest.mark.parametrize("rank", [1, 2])
+def test_tfidf_vectorizer_matches_ort(mode, rank):
+    rng = np.random.default_rng(18)
+    # 4 unigrams, 3 bigrams, 2 trigrams over the tokens 0..5
+    pool = [1, 3, 4, 5, 1, 2, 2, 3, 4, 4, 1, 2, 3, 5, 5, 5]
+    attrs = dict(mode=mode, min_gram_length=1, max_gram_length=3, max_skip_count=2, ngram_counts=[0, 4, 10],
+                 ngram_indexes=[8, 0, 2, 4, 6, 1, 3, 5, 7], pool_int64s=pool)
+    if mode != "TF":
+        attrs["weights"] = rng.uniform(0.5, 2, 9).tolist()
+    x = rng.integers(0, 6, (3, 12) if rank == 2 else (12,)).astype(np.int64)
+    _check(_model("TfIdfVectorizer", 9, {"x": x}, ["y"], **attrs), {"x": x})
