@@ -137,7 +137,11 @@ def _conv_plan(node, x_shape, w_shape, itemsize):
     per_img = (C * int(math.prod(spatial_p)) if padded else 0)
     chunk = max(1, min(N, CHUNK_BYTES // max(1, Cg * prodK * prodO * itemsize)))
     ws = _align(chunk * per_img * itemsize) + _align(chunk * Cg * prodK * prodO * itemsize)
-    return dict(kind="im2col", strides=strides, dil=dil, pads=pads, outs=outs, ws=ws, chunk=chunk)
+    # the index tuples of every kernel offset's window and of the padding, made once per shape
+    win = [(slice(None), slice(None)) + tuple(_window(kk[i], dil[i], strides[i], outs[i]) for i in range(nsp))
+           for kk in itertools.product(*[range(k) for k in K])]
+    return dict(kind="im2col", strides=strides, dil=dil, pads=pads, outs=outs, ws=ws, chunk=chunk, win=win,
+                pad_slices=_pad_slices(list(x_shape[2:]), pads) if padded else None, sp=spatial_p)
 
 
 def conv_workspace(node, shapes, dtypes):
@@ -145,6 +149,19 @@ def conv_workspace(node, shapes, dtypes):
         return 0
     itemsize = np.dtype(dtypes[0]).itemsize if dtypes and dtypes[0] is not None else 4
     return _conv_plan(node, shapes[0], shapes[1], itemsize)["ws"]
+
+
+def _pad_slices(spatial, pads):
+    """(border index tuples, centre index tuple) of an (N, C, *spatial) image padded by ``pads``."""
+    n = len(spatial)
+    centre = (slice(None), slice(None)) + tuple(slice(pads[i], pads[i] + spatial[i]) for i in range(n))
+    borders = []
+    for i in range(n):
+        if pads[i]:
+            borders.append((slice(None),) * (2 + i) + (slice(0, pads[i]),))
+        if pads[i + n]:
+            borders.append((slice(None),) * (2 + i) + (slice(pads[i] + spatial[i], None),))
+    return borders, centre
 
 
 def _pad_into(xp, dst, x, pads, value=0):
@@ -458,32 +475,34 @@ def _conv_im2col(xp, node, x, w, b, y, p, ws):
     nsp = len(K)
     g = node.a("group", 1)
     Cg, Mg = C // g, M // g
-    outs, strides, dil, pads = p["outs"], p["strides"], p["dil"], p["pads"]
+    outs = p["outs"]
     prodK, prodO = int(math.prod(K)), int(math.prod(outs))
     chunk = p["chunk"]
-    padded = any(pads)
-    sp = [x.shape[2 + i] + pads[i] + pads[i + nsp] for i in range(nsp)]
+    pad_slices = p["pad_slices"]
     off = 0
-    if padded:
-        xpad_buf, off = _take(ws, 0, (chunk, C, *sp), x.dtype, xp)
+    if pad_slices is not None:
+        xpad_buf, off = _take(ws, 0, (chunk, C, *p["sp"]), x.dtype, xp)
     cols_buf, off = _take(ws, off, (chunk, Cg, prodK, prodO), x.dtype, xp)
     wg = w.reshape(g, Mg, Cg * prodK)
     yv = y.reshape(N, M, prodO)
     for n0 in range(0, N, chunk):
         nb = min(chunk, N - n0)
         xs = x[n0:n0 + nb]
-        if padded:
-            xs = _pad_into(xp, xpad_buf[:nb], xs, pads)
+        if pad_slices is not None:
+            xpad = xpad_buf[:nb]
+            for sl in pad_slices[0]:
+                xpad[sl] = 0
+            xpad[pad_slices[1]] = xs
+            xs = xpad
         cols = cols_buf[:nb]
         cv = cols.reshape(nb, Cg, prodK, *outs)
         for gi in range(g):
-            xg = xs[:, gi * Cg:(gi + 1) * Cg]
-            for ki, kk in enumerate(itertools.product(*[range(k) for k in K])):
-                sl = tuple(_window(kk[i], dil[i], strides[i], outs[i]) for i in range(nsp))
-                cv[:, :, ki] = xg[(slice(None), slice(None)) + sl]
+            xg = xs[:, gi * Cg:(gi + 1) * Cg] if g > 1 else xs
+            for ki, sl in enumerate(p["win"]):
+                cv[:, :, ki] = xg[sl]
             xp.matmul(wg[gi], cols.reshape(nb, Cg * prodK, prodO), out=yv[n0:n0 + nb, gi * Mg:(gi + 1) * Mg])
     if b is not None:
-        y += b.reshape((M,) + (1,) * nsp)
+        xp.add(yv, b.reshape(M, 1), out=yv)
     return y
 
 

@@ -292,19 +292,19 @@ def _lstm_steps(xp, bufs, rt, xw, h, steps):
     direct = h.shape[0] == 1 or is_numpy(xp)
     if h.shape[0] == 1 and is_numpy(xp):
         matmul = xp.dot
-    for t, out in steps:
+    for t, out in steps:  # outputs passed positionally: NumPy parses an out= keyword slower
         if direct:
             matmul(h, rt, out=z)
-            add(z, xw[t], out=z)
+            add(z, xw[t], z)
         else:
-            add(matmul(h, rt), xw[t], out=z)
-        tanh(z, out=z)
-        mul(s, half, out=s)
-        add(s, half, out=s)
-        mul(fi, gc, out=prod)
-        add(p_ig, p_fc, out=c)
-        tanh(c, out=tmp)
-        mul(o, tmp, out=out)
+            add(matmul(h, rt), xw[t], z)
+        tanh(z, z)
+        mul(s, half, s)
+        add(s, half, s)
+        mul(fi, gc, prod)
+        add(p_ig, p_fc, c)
+        tanh(c, tmp)
+        mul(o, tmp, out)
         h = out
     return h
 
