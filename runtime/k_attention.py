@@ -13,7 +13,8 @@ import math
 
 import numpy as np
 
-from opc.runtime.registry import kernel, np_dtype
+from opc.runtime.k_nn import _align, _take
+from opc.runtime.registry import kernel, np_dtype, out_if
 
 
 def _heads(x, n):
@@ -71,7 +72,25 @@ def _attention_bias(xp, dt, mask, causal, left, right, nonpad, past_len, sq, skv
     return xp.where(allowed, zero, xp.asarray(-np.inf, dtype=dt)).astype(dt)
 
 
-@kernel("Attention")
+def _attention_dims(node, q, k, past_k):
+    """(batch, q_heads, kv_heads, q_len, kv_len incl. the past, head_size) from input shapes."""
+    if len(q) == 3:
+        hq, hk = int(node.a("q_num_heads") or 1), int(node.a("kv_num_heads") or 1)
+        return q[0], hq, hk, q[1], k[1] + (past_k[2] if past_k else 0), q[2] // hq
+    return q[0], q[1], k[1], q[2], k[2] + (past_k[2] if past_k else 0), q[3]
+
+
+def _attention_workspace(node, shapes, dtypes):
+    """Scratch for the scaled Q, the scaled contiguous K^T and the (B, H, Sq, Skv) scores, so
+    the largest temporary of attention lives in the planned arena."""
+    if any(s is None for s in shapes[:3]) or dtypes[0] is None:
+        return 0
+    b, hq, hk, sq, skv, d = _attention_dims(node, shapes[0], shapes[1], shapes[4] if len(shapes) > 4 else None)
+    it = np.dtype(dtypes[0]).itemsize
+    return _align(b * hq * sq * d * it) + _align(b * hk * d * skv * it) + _align(b * hq * sq * skv * it)
+
+
+@kernel("Attention", workspace=_attention_workspace)
 def _attention(node, xp):
     scale_attr = node.a("scale")
     causal = bool(node.a("is_causal", 0))
@@ -105,10 +124,13 @@ def _attention(node, xp):
         group = hq // hk
         s = dt.type(math.sqrt(scale_attr if scale_attr is not None else 1.0 / math.sqrt(d)))
         # (B, Hq, Sq, D) viewed as (B, Hk, group*Sq, D): head h = kv*group + g uses KV head kv
-        qg = (q * s).reshape(b, hk, group * sq, d)
-        kt = xp.empty((b, hk, d, skv), dtype=dt)  # K^T contiguous: a batched GEMM on a
+        qs, off = _take(ws, 0, (b, hq, sq, d), dt, xp)
+        xp.multiply(q, s, out=qs)
+        kt, off = _take(ws, off, (b, hk, d, skv), dt, xp)  # K^T contiguous: a batched GEMM on a
         xp.multiply(k.transpose(0, 1, 3, 2), s, out=kt)  # transposed view runs ~4x slower
-        scores = xp.matmul(qg, kt).reshape(b, hq, sq, skv)
+        scores, off = _take(ws, off, (b, hk, group * sq, skv), dt, xp)
+        xp.matmul(qs.reshape(b, hk, group * sq, d), kt, out=scores)
+        scores = scores.reshape(b, hq, sq, skv)
         snap = (lambda: scores.copy()) if outs_wanted[3] else (lambda: None)  # the qk output, by mode
         qk = snap() if mode == 0 else None
         if softcap > 0:
@@ -136,10 +158,12 @@ def _attention(node, xp):
         p = scores.astype(dt, copy=False)
         if mode == 3:
             qk = p
-        y = xp.matmul(p.reshape(b, hk, group * sq, skv), v).reshape(b, hq, sq, dv)
+        o = None if three_d else out_if(outs, 0, (b, hq, sq, dv), dt)
+        y = xp.matmul(p.reshape(b, hk, group * sq, skv), v,
+                      out=None if o is None else o.reshape(b, hk, group * sq, dv)).reshape(b, hq, sq, dv)
         if three_d:
-            y = y.transpose(0, 2, 1, 3).reshape(b, sq, hq * dv)
-        res = [xp.ascontiguousarray(y)]
+            y = xp.ascontiguousarray(y.transpose(0, 2, 1, 3)).reshape(b, sq, hq * dv)
+        res = [y]
         if outs_wanted[1] or outs_wanted[2]:
             res += [k.copy() if past_k is None else k, v.copy() if past_v is None else v]
         elif outs_wanted[3]:

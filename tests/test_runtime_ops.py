@@ -82,6 +82,25 @@ def test_attention_matches_ort(case):
     _check(model, ins, rtol=1e-4, atol=1e-5)
 
 
+def test_attention_scores_live_in_the_planned_arena():
+    """The (B, H, Sq, Skv) scores, the largest temporary, are workspace in the arena; the second
+    run (inside the arena) gives the same output; the model's own memory plan counts them too."""
+    from opc import memory
+
+    rng = np.random.default_rng(2)
+    ins = {"q": _rand(rng, 2, 8, 16, 8), "k": _rand(rng, 2, 2, 24, 8), "v": _rand(rng, 2, 2, 24, 8)}
+    model = _model("Attention", 23, ins, ["y"], is_causal=1)
+    sess = rt.Session(model, backend="numpy")
+    first = sess.run(None, ins)[0]
+    scores = 2 * 8 * 16 * 24 * 4
+    assert sess.arena_bytes(ins) >= scores
+    assert rt.workspace_bytes(model.graph.node[0], [a.shape for a in ins.values()],
+                              [a.dtype for a in ins.values()]) >= scores
+    plan = memory.plan_model(model, {k: a.shape for k, a in ins.items()}, rt.workspace_bytes)
+    assert plan.arena_size >= scores
+    np.testing.assert_array_equal(sess.run(None, ins)[0], first)
+
+
 def test_attention_qk_output_modes_match_ort():
     rng = np.random.default_rng(1)
     ins = {"q": _rand(rng, 2, 4, 5, 8), "k": _rand(rng, 2, 4, 6, 8), "v": _rand(rng, 2, 4, 6, 8),
