@@ -110,6 +110,16 @@ def test_attention_qk_output_modes_match_ort():
         _check(model, ins, rtol=1e-4, atol=1e-5)
 
 
+def test_attention_and_rotary_fp16_match_ort():
+    rng = np.random.default_rng(19)
+    ins = {"q": _rand(rng, 2, 8, 5, 16, dtype=np.float16), "k": _rand(rng, 2, 2, 7, 16, dtype=np.float16),
+           "v": _rand(rng, 2, 2, 7, 16, dtype=np.float16)}
+    _check(_model("Attention", 23, ins, ["y"], is_causal=1), ins, rtol=2e-3, atol=2e-3)
+    ins = {"x": _rand(rng, 2, 4, 6, 16, dtype=np.float16), "cos": _rand(rng, 2, 6, 8, dtype=np.float16),
+           "sin": _rand(rng, 2, 6, 8, dtype=np.float16)}
+    _check(_model("RotaryEmbedding", 23, ins, ["y"]), ins, rtol=2e-3, atol=2e-3)
+
+
 # ---------------------------------------------------------------- RotaryEmbedding
 @pytest.mark.parametrize("interleaved", [0, 1])
 @pytest.mark.parametrize("layout", ["4d", "3d_positions", "partial"])
@@ -325,6 +335,7 @@ def test_linear_attention_linear_rule_equals_causal_attention_without_softmax():
 
 
 # ---------------------------------------------------------------- a real export
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.export internals
 @pytest.mark.parametrize("masked", [False, True])
 def test_pytorch_sdpa_export_runs_as_one_attention_node(tmp_path, masked):
     """torch.onnx's dynamo exporter turns scaled_dot_product_attention (grouped-query, causal or
