@@ -1,6 +1,9 @@
-"""Data-dependent and small numeric kernels: Unique, the two losses, BitCast, Det, TensorScatter.
+"""Data-dependent and small numeric kernels: Unique, NegativeLogLikelihoodLoss,
+SoftmaxCrossEntropyLoss, BitCast, Det, TensorScatter, CenterCropPad.
 
-Unique's output size depends on the values (``dynamic``); everything stays on the device.
+Unique's output size depends on the values (``dynamic``) and it stays on the device; an
+ignored loss target may lie outside [0, C), so targets are clipped before the gather and
+their terms zeroed.
 """
 
 from __future__ import annotations

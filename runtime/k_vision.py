@@ -1,9 +1,13 @@
-"""Detection and sampling kernels: GridSample, NonMaxSuppression, RoiAlign.
+"""Detection, sampling and image-geometry kernels: GridSample, NonMaxSuppression, RoiAlign,
+AffineGrid, Col2Im, MaxUnpool, DeformConv.
 
 GridSample is separable: each spatial axis gives its taps (1 nearest, 2 linear, 4 cubic) and
-weights per output point; their outer product is one gather of all taps and a weighted sum.
-NonMaxSuppression computes the IoU test for all box pairs at once; only the greedy walk
-over candidates (inherently sequential) runs on the host.
+weights per output point; their outer product gives flat tap indices, and each tap is one
+gather of whole channel rows. NonMaxSuppression computes the IoU test for all box pairs at
+once; only the greedy walk over candidates (inherently sequential) runs on the host.
+RoiAlign's average is separable too (bin matrices on each box's crop). Where onnx's reference
+and ONNX Runtime disagree (GridSample cubic with border padding, MaxUnpool with output_shape),
+these kernels follow ONNX Runtime and PyTorch, whose models they run.
 """
 
 from __future__ import annotations
