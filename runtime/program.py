@@ -8,6 +8,7 @@ the node that owns them (``node.captures``).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +18,9 @@ from onnx import numpy_helper
 from opc.errors import ModelError
 from opc.runtime import registry
 from opc.runtime.k_rnn import fuse_stacked_lstm
+from opc.runtime.fuse import fuse_elementwise
 from opc.runtime.registry import KERNELS, Node, attr_value
+from opc.runtime.xp import register_host, unregister_host
 
 _CONTROL_GRAPH_ATTRS = ("then_branch", "else_branch", "body")
 
@@ -48,6 +51,7 @@ class Program:
     release: list[list[int]] = field(default_factory=list)  # slots dead after each step
     folded: int = 0  # steps computed once at load (constant inputs only)
     fused: int = 0  # activation steps merged into the preceding Conv
+    fused_elementwise: int = 0  # elementwise steps merged into a FusedElementwise step (runtime/fuse.py)
 
     def slot(self, name: str) -> int:
         s = self.slots.get(name)
@@ -108,8 +112,9 @@ def unsupported_ops(graph: onnx.GraphProto) -> list[str]:
 
 
 def compile_graph(graph: onnx.GraphProto, xp, opsets: dict[str, int], outer: set[str] | None = None,
-                  overridable: frozenset = frozenset()) -> Program:
-    """Compile ``graph``; ``outer`` holds names visible from enclosing scopes (subgraphs)."""
+                  overridable: frozenset = frozenset(), fuse: bool = True) -> Program:
+    """Compile ``graph``; ``outer`` holds names visible from enclosing scopes (subgraphs);
+    ``fuse=False`` keeps elementwise chains as separate steps (tests, benchmarks)."""
     bad = unsupported_ops(graph)
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
@@ -163,7 +168,7 @@ def compile_graph(graph: onnx.GraphProto, xp, opsets: dict[str, int], outer: set
         if subs:
             visible = (outer or set()) | defined
             for key, g in subs.items():
-                sub = compile_graph(g, xp, opsets, visible)
+                sub = compile_graph(g, xp, opsets, visible, fuse=fuse)
                 node.subgraphs[key] = sub
                 for c in sub.captures:
                     if c not in node.captures:
@@ -196,8 +201,23 @@ def compile_graph(graph: onnx.GraphProto, xp, opsets: dict[str, int], outer: set
     graph_outputs = {p.slots[o.name] for o in graph.output if o.name in p.slots}
     _fuse_activations(p, graph_outputs)
     p.fused += fuse_stacked_lstm(p, graph_outputs)  # LSTM -> Squeeze -> LSTM: one wavefront step
+    if fuse:
+        p.fused_elementwise = fuse_elementwise(p, graph_outputs | set(p.capture_slots), set(p.consts) - over)
     _compute_release(p)
+    _mirror_small_consts(p)
     return p
+
+
+HOST_MIRROR_MAX = 4096  # elements: constants up to this size also keep a host copy
+
+
+def _mirror_small_consts(p: Program) -> None:
+    """Host copies of small constants (shapes, axes, pads, scalars), made at load: a kernel that
+    reads one on the host (``xp.to_host``/``host_ints``) then never waits for the device."""
+    small = [v for v in p.consts.values() if getattr(v, "size", HOST_MIRROR_MAX + 1) <= HOST_MIRROR_MAX]
+    if small:
+        keys = register_host(small)
+        weakref.finalize(p, unregister_host, keys)
 
 
 def _compute_release(p: Program) -> None:
@@ -287,7 +307,7 @@ def _fold_constants(p: Program, overridable: set[int]) -> None:
             res = (res,)
         for s, r in zip(st.outs, res):
             if s >= 0:
-                p.consts[s] = r
+                p.consts[s] = r if isinstance(r, p.xp.ndarray) else p.xp.asarray(r)  # a full reduction's scalar
                 const.add(s)
     p.folded = len(p.steps) - len(kept)
     p.steps = kept

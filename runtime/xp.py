@@ -46,8 +46,48 @@ def is_numpy(xp) -> bool:
     return getattr(xp, "__name__", "") == "numpy" or getattr(xp, "_opc_numpy", False)
 
 
+# Host copies of device values fixed for a session or an input signature (small constants,
+# shape arithmetic), so that kernels reading them (a Reshape's shape) never wait on the device
+# during a run. Keyed by id(); the entry holds the array, so the id is not reused meanwhile.
+_HOST_MIRRORS: dict[int, tuple] = {}
+_SYNC_HOOK = None  # tests: called with every array ``to_host`` must really convert
+
+
+def register_host(arrays) -> list[int]:
+    """Remember host copies of ``arrays`` (made now, at load or signature time); returns the
+    keys for ``unregister_host``."""
+    keys = []
+    for a in arrays:
+        if isinstance(a, np.ndarray):
+            host = a
+        else:
+            host = to_host(a)
+            host.flags.writeable = False
+        _HOST_MIRRORS[id(a)] = (a, host)
+        keys.append(id(a))
+    return keys
+
+
+def unregister_host(keys) -> None:
+    for k in keys:
+        _HOST_MIRRORS.pop(k, None)
+
+
+def set_sync_hook(fn) -> None:
+    """``fn(array)`` is called for every conversion to the host that is not a remembered one
+    (None: off). Tests use it to catch device-host synchronization inside a run."""
+    global _SYNC_HOOK
+    _SYNC_HOOK = fn
+
+
 def to_host(a) -> np.ndarray:
-    """An array as NumPy (a copy from the device for CuPy arrays)."""
+    """An array as NumPy (a copy from the device for CuPy arrays; the remembered host copy for
+    values registered with ``register_host``)."""
+    m = _HOST_MIRRORS.get(id(a))
+    if m is not None and m[0] is a:
+        return m[1]
+    if _SYNC_HOOK is not None:
+        _SYNC_HOOK(a)
     if isinstance(a, np.ndarray):
         return a
     get = getattr(a, "get", None)
