@@ -1,5 +1,6 @@
 """Data-dependent and small numeric kernels: Unique, NegativeLogLikelihoodLoss,
-SoftmaxCrossEntropyLoss, BitCast, Det, TensorScatter, CenterCropPad.
+SoftmaxCrossEntropyLoss, BitCast, Det, TensorScatter, CenterCropPad, ImageDecoder (Pillow, on
+the host; a load-time error names the node when Pillow is missing).
 
 Unique's output size depends on the values (``dynamic``) and it stays on the device; an
 ignored loss target may lie outside [0, C), so targets are clipped before the gather and
@@ -8,8 +9,12 @@ their terms zeroed.
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
+
 from opc.runtime.registry import kernel, np_dtype
-from opc.runtime.xp import host_ints
+from opc.runtime.xp import host_ints, to_host
 
 
 @kernel("Unique", dynamic=True)
@@ -141,4 +146,26 @@ def _center_crop_pad(node, xp):
         res = xp.zeros(out_shape, dtype=x.dtype)
         res[tuple(dst)] = x[tuple(src)]
         return res
+    return run
+
+
+@kernel("ImageDecoder", dynamic=True)
+def _image_decoder(node, xp):
+    fmt = node.a("pixel_format", "RGB")
+    if fmt not in ("RGB", "BGR", "Grayscale"):
+        node.fail(f"pixel_format '{fmt}' is not RGB/BGR/Grayscale")
+    try:
+        import PIL.Image
+    except ImportError:
+        node.fail("decoding images needs Pillow (pip install pillow)")
+
+    def run(ins, outs, ws):
+        img = PIL.Image.open(io.BytesIO(to_host(ins[0]).tobytes()))  # a host codec: the bytes go to the CPU
+        if fmt == "Grayscale":
+            pixels = np.asarray(img.convert("L"))[:, :, None]
+        else:
+            pixels = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+            if fmt == "BGR":
+                pixels = pixels[:, :, ::-1]
+        return xp.asarray(np.ascontiguousarray(pixels, dtype=np.uint8))
     return run

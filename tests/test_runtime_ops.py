@@ -446,3 +446,14 @@ def test_tfidf_vectorizer_matches_ort(mode, rank):
         attrs["weights"] = rng.uniform(0.5, 2, 9).tolist()
     x = rng.integers(0, 6, (3, 12) if rank == 2 else (12,)).astype(np.int64)
     _check(_model("TfIdfVectorizer", 9, {"x": x}, ["y"], **attrs), {"x": x})
+
+
+def test_image_decoder_without_pillow_fails_at_load_naming_the_node(monkeypatch):
+    import sys
+
+    from opc.errors import ModelError
+
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)  # makes "import PIL.Image" raise ImportError
+    model = _model("ImageDecoder", 20, {"data": np.zeros(8, np.uint8)}, ["img"])
+    with pytest.raises(ModelError, match=r"node 'img' \(ImageDecoder\).*Pillow"):
+        rt.Session(model, backend="numpy")
