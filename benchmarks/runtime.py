@@ -6,9 +6,13 @@
 
 CPU table: opc NumPy vs ORT CPU with the same thread count (BLAS threads = ORT intra-op
 threads; the two run interleaved, call by call, medians of ``--repeats``) vs
-``onnx.reference.ReferenceEvaluator`` (median of 3 runs after a warm-up: it is slow), outputs
+``onnx.reference.ReferenceEvaluator`` (same BLAS threads; median of 3 runs after a warm-up, in
+rounds alternating with opc, whose median over those rounds is the ratio's denominator), outputs
 checked against ORT, arena (planned), weights, and the measured peak: tracemalloc's peak over one
 timed run (NumPy reports its allocations to it) with the arena and weights already held.
+With one thread (the default) a latency is the CPU time of the calling thread, on which all
+three run every kernel (``opc.ort.latency_clock``): other jobs on the shared machine stretch wall
+time, not that; with more threads, wall time.
 Targets (issue 8): opc <= 3x ORT, >= 20x ReferenceEvaluator.
 
 GPU table (runs when CuPy sees a GPU): opc CuPy vs PyTorch eager (same module, fp32, no_grad)
@@ -40,18 +44,24 @@ def _feeds(model, batch: int) -> dict[str, np.ndarray]:
     return seeded_feeds(model, shapes, seed=0)
 
 
-def _interleaved_ms(fns, repeats: int, warmup: int = 2) -> list[float]:
+def _interleaved_ms(fns, repeats, warmup: int = 2, clock=time.perf_counter) -> list[float]:
     """Median latency (ms) of each function, called round-robin so that the shared machine's
-    load drifts hit every contestant alike (ratios from one run, not two separate windows)."""
+    load drifts hit every contestant alike (ratios from one run, not two separate windows).
+    ``repeats``: one count for all, or one per function (a slow one runs fewer times per
+    round: the rounds still alternate). ``clock``: see ``opc.ort.latency_clock``."""
+    counts = [repeats] * len(fns) if isinstance(repeats, int) else list(repeats)
     for _ in range(warmup):
         for fn in fns:
             fn()
     times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t = time.perf_counter()
+    rounds = max(counts)
+    for r in range(rounds):
+        for fn, ts, n in zip(fns, times, counts):
+            if r * n // rounds == (r + 1) * n // rounds:
+                continue  # spread a function's n calls evenly over the rounds
+            t = clock()
             fn()
-            ts.append((time.perf_counter() - t) * 1e3)
+            ts.append((clock() - t) * 1e3)
     return [float(np.median(ts)) for ts in times]
 
 
@@ -59,7 +69,7 @@ def _interleaved_ms(fns, repeats: int, warmup: int = 2) -> list[float]:
 
 def cpu_row(name: str, batch: int, repeats: int, threads: int, reference: bool) -> dict:
     from opc.ir import load_model
-    from opc.ort import compare, make_session
+    from opc.ort import compare, latency_clock, make_session
     from opc.runtime import Session, weights_bytes
 
     model = load_model(common.zoo_model(name))
@@ -75,7 +85,9 @@ def cpu_row(name: str, batch: int, repeats: int, threads: int, reference: bool) 
     tracemalloc.stop()
     ort = make_session(model, threads=threads)
     ref = ort.run(None, feeds)
-    opc_ms, ort_ms = _interleaved_ms([lambda: sess.run(None, feeds), lambda: ort.run(None, feeds)], repeats)
+    clock = latency_clock(threads)
+    opc_ms, ort_ms = _interleaved_ms([lambda: sess.run(None, feeds), lambda: ort.run(None, feeds)], repeats,
+                                     clock=clock)
     err = max(compare(r, g)["max_rel"] for r, g in zip(ref, got))
     row = {"model": name, "batch": batch, "opc_ms": opc_ms, "ort_ms": ort_ms, "opc/ort": opc_ms / ort_ms,
            "ref_ms": None, "ref/opc": None, "max_rel_vs_ort": err,
@@ -83,10 +95,16 @@ def cpu_row(name: str, batch: int, repeats: int, threads: int, reference: bool) 
            "run_peak_mib": peak / 2**20, "held_before_run_mib": base / 2**20}
     if reference:
         from onnx.reference import ReferenceEvaluator
+        from threadpoolctl import threadpool_limits
 
         ev = ReferenceEvaluator(model)
-        row["ref_ms"] = median_ms(lambda: ev.run(None, feeds), REF_REPEATS, warmup=1)
-        row["ref/opc"] = row["ref_ms"] / opc_ms
+        # the same thread count (its NumPy calls' BLAS threads), timed in rounds alternating with
+        # opc (REF_REPEATS calls, opc 3x as many) so that the ratio comes from one window
+        with threadpool_limits(threads, user_api="blas"):
+            ref_ms, opc_paired = _interleaved_ms([lambda: ev.run(None, feeds), lambda: sess.run(None, feeds)],
+                                                 [REF_REPEATS, 3 * REF_REPEATS], warmup=1, clock=clock)
+        row["ref_ms"] = ref_ms
+        row["ref/opc"] = ref_ms / opc_paired
     return row
 
 

@@ -24,6 +24,9 @@ COLS_BLOCK_BYTES = 1 << 20  # depthwise gather block (stays in cache)
 WINO_CHUNK_BYTES = 16 << 20  # Winograd: target scratch of one batch chunk
 WINO_MIN_MACS = 8_000_000  # Winograd only for convs this large (its ~40 calls cost more on small ones)
 WINO_MIN_TILES = 32  # fewer tiles: the GEMMs stream U (16/9 of the weights) for too little work
+# U (16/9 of the conv's weights) is held across runs beyond the arena and the weights: only
+# convs whose U is at most this large use Winograd (resnet18: layer1-2, 4.1 MiB in all)
+WINO_MAX_U_BYTES = 1 << 20
 
 
 # ---------------------------------------------------------------- geometry
@@ -115,10 +118,10 @@ def _conv_plan(node, x_shape, w_shape, itemsize):
         return dict(kind="gemm", strides=strides, dil=dil, pads=pads, outs=outs, ws=_align(sub * itemsize))
     Cg = C // g
     prodK = int(math.prod(K))
+    th, tw = -(-outs[0] // 2), -(-outs[1] // 2)
     if nsp == 2 and K == [3, 3] and strides == [1, 1] and dil == [1, 1] and g == 1 and itemsize == 4 \
             and C >= 16 and M >= 16 and min(outs) >= 2 and M * C * 9 * prodO >= WINO_MIN_MACS \
-            and N * -(-outs[0] // 2) * -(-outs[1] // 2) >= WINO_MIN_TILES:
-        th, tw = -(-outs[0] // 2), -(-outs[1] // 2)
+            and N * th * tw >= WINO_MIN_TILES and 16 * M * C * itemsize <= WINO_MAX_U_BYTES:
         per_img = (2 * C * (th + 1) * 2 * (tw + 1) + 4 * C * th * 2 * (tw + 1) + 16 * C * th * tw
                    + 16 * M * th * tw + 8 * M * th * tw) * itemsize
         chunk = max(1, min(N, WINO_CHUNK_BYTES // per_img))
@@ -127,7 +130,7 @@ def _conv_plan(node, x_shape, w_shape, itemsize):
         return dict(kind="winograd", strides=strides, dil=dil, pads=pads, outs=outs, th=th, tw=tw, chunk=chunk,
                     ws=sum(_align(chunk * n * itemsize) for n in sizes))
     # on the padded width the GEMM also computes Wp - Wo junk columns: not worth it on narrow images
-    if nsp == 2 and strides == [1, 1] and (pads[1] + pads[3] + (K[1] - 1) * dil[1]) * 8 <= outs[1]:
+    if nsp == 2 and strides == [1, 1] and (K[1] - 1) * dil[1] * 8 <= outs[1]:
         Hp, Wp = x_shape[2] + pads[0] + pads[2], x_shape[3] + pads[1] + pads[3]
         slack = (K[1] - 1) * dil[1]
         per_img = _align((C * Hp * Wp + slack) * itemsize) + _align(Cg * prodK * outs[0] * Wp * itemsize) \

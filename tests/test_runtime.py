@@ -387,8 +387,8 @@ def _stacked_lstm_model(hidden, batch, states=(), bias=True, extra_output=None, 
     graph_ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, (seq, batch, inp))]
     inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
     for li, hid in enumerate(hidden):
-        inits.append(numpy_helper.from_array(0.5 * rng.standard_normal((1, 4 * hid, size)).astype(np.float32), f"W{li}"))
-        inits.append(numpy_helper.from_array(0.5 * rng.standard_normal((1, 4 * hid, hid)).astype(np.float32), f"R{li}"))
+        for name, cols in ((f"W{li}", size), (f"R{li}", hid)):
+            inits.append(numpy_helper.from_array(0.5 * rng.standard_normal((1, 4 * hid, cols)).astype(np.float32), name))
         ins = [x, f"W{li}", f"R{li}", "", "", "", ""]
         if bias:
             inits.append(numpy_helper.from_array(rng.standard_normal((1, 8 * hid)).astype(np.float32), f"B{li}"))
@@ -474,7 +474,9 @@ def test_small_or_few_tile_convs_are_not_winograd():
     from opc.runtime.registry import Node
 
     node = Node("Conv", "", "c", ["x", "w"], ["y"], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, 17)
-    assert k_nn._conv_plan(node, (1, 512, 7, 7), (512, 512, 3, 3), 4)["kind"] == "im2col"  # 16 tiles
-    assert k_nn._conv_plan(node, (8, 512, 7, 7), (512, 512, 3, 3), 4)["kind"] == "winograd"
+    assert k_nn._conv_plan(node, (1, 128, 7, 7), (128, 128, 3, 3), 4)["kind"] == "im2col"  # 16 tiles
+    assert k_nn._conv_plan(node, (4, 128, 14, 14), (128, 128, 3, 3), 4)["kind"] == "winograd"
+    # transformed weights over WINO_MAX_U_BYTES (4 MiB here): direct, on the padded width
+    assert k_nn._conv_plan(node, (1, 256, 28, 28), (256, 256, 3, 3), 4)["kind"] == "wide"
     assert k_nn._conv_plan(node, (1, 8, 32, 32), (8, 8, 3, 3), 4)["kind"] == "wide"  # few multiply-adds
     assert k_nn._conv_plan(node, (1, 64, 56, 56), (64, 64, 3, 3), 8)["kind"] == "wide"  # float64
