@@ -118,7 +118,7 @@ def _conv_plan(node, x_shape, w_shape, itemsize):
         return dict(kind="gemm", strides=strides, dil=dil, pads=pads, outs=outs, ws=_align(sub * itemsize))
     Cg = C // g
     prodK = int(math.prod(K))
-    th, tw = -(-outs[0] // 2), -(-outs[1] // 2)
+    th, tw = (-(-outs[0] // 2), -(-outs[1] // 2)) if nsp == 2 else (0, 0)  # Winograd tiles
     if nsp == 2 and K == [3, 3] and strides == [1, 1] and dil == [1, 1] and g == 1 and itemsize == 4 \
             and C >= 16 and M >= 16 and min(outs) >= 2 and M * C * 9 * prodO >= WINO_MIN_MACS \
             and N * th * tw >= WINO_MIN_TILES and 16 * M * C * itemsize <= WINO_MAX_U_BYTES:
