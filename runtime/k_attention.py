@@ -23,14 +23,6 @@ def _heads(x, n):
     return x.reshape(b, s, n, -1).transpose(0, 2, 1, 3)
 
 
-def _softmax_rows(xp, x):
-    m = x.max(axis=-1, keepdims=True)
-    m = xp.where(xp.isneginf(m), 0, m).astype(x.dtype)  # all -inf row: exp(-inf) = 0, not NaN
-    e = xp.exp(x - m)
-    s = e.sum(axis=-1, keepdims=True)
-    return e / xp.where(s == 0, 1, s).astype(x.dtype)
-
-
 def _attention_bias(xp, dt, mask, causal, left, right, nonpad, past_len, sq, skv):
     """The additive bias (broadcastable to (B, H, Sq, Skv)) in ``dt``, or None when nothing masks."""
     allowed = None  # boolean visibility, broadcastable
