@@ -85,6 +85,7 @@ class GraphCache:
 
         def work():
             holder["outs"] = execute(inputs)
+            return holder["outs"]
         graph = a.capture(stream, pool, work)
         outs = holder["outs"]
         return Captured(graph, stream, inputs, list(outs), pool)

@@ -216,6 +216,7 @@ class Session:
         record = {} if trace else None
         static = {} if trace else None  # slots whose value depends on input shapes only
         known = set(p.consts)
+        varying = set()  # slots whose shape may change between runs of one signature (NonZero...)
         for i in range(len(p.steps)):
             step = p.steps[i]
             ins = [vals[j] if j >= 0 else None for j in step.ins]
@@ -237,7 +238,9 @@ class Session:
                     alias = step.spec.alias and k == 0 and ins and ins[0] is not None and \
                         r.size and data_ptr(r) == data_ptr(ins[0])
                     record[s] = (tuple(r.shape), r.dtype, alias, step.ins[0] if alias else -1)
-            if trace and _shape_only(step, known) and all(
+            if trace and (step.spec.dynamic or any(j in varying for j in step.ins)):
+                varying.update(s for s in step.outs if s >= 0)
+            elif trace and _shape_only(step, known) and all(
                     r is None or getattr(r, "size", 0) <= STATIC_MAX_ELEMENTS for r in res):
                 for s, r in zip(step.outs, res):
                     if s >= 0:

@@ -59,7 +59,7 @@ def register_host(arrays) -> list[int]:
     keys = []
     for a in arrays:
         if isinstance(a, np.ndarray):
-            host = a
+            host = np.asarray(a)  # the array itself (a plain view of an ndarray subclass)
         else:
             host = to_host(a)
             host.flags.writeable = False
