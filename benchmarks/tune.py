@@ -14,7 +14,7 @@ of the sentence embeddings (minilm-l6).
 
 Tables: the summary (benchmarks/results/tune.json) and the Pareto front of each model's
 trials in (drop, objective) (benchmarks/results/tune-pareto.json); the trial logs go to
-benchmarks/results/tune-MODEL.jsonl.
+benchmarks/results/tune-MODEL.jsonl (with ``--strategy tpe`` or ``--objective size``: tune-tpe.json, tune-size-pareto.json, ...).
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def run_model(name: str, args) -> tuple[dict, list[dict]]:
     path, calib, inputs, labels, metric = model_setup(name, args.calib_samples)
     model = onnx.load(str(path))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    log = RESULTS / f"tune-{name}.jsonl"
+    suffix = _suffix(args)
+    log = RESULTS / f"tune{suffix}-{name}.jsonl"
     t0 = time.perf_counter()
     res = tune(model, calib, inputs, labels=labels, metric=metric, max_drop=args.max_drop, trials=args.trials,
                objective=args.objective, seed=0, runner=make_runner(args.workers), log=log,
@@ -132,7 +133,7 @@ def run_model(name: str, args) -> tuple[dict, list[dict]]:
     if args.objective == "latency":
         for k, rs in groups.items():
             models[k] = ev.compile(rs[0].pipeline)[0]
-    tuned_key = res.best.structure if res.best.structure in groups else "tuned"
+    tuned_key = res.best.structure if res.best.structure in groups and res.best.structure in models else "tuned"
     if tuned_key == "tuned":
         models["tuned"] = res.model
     timed = _retime(ev, models, rounds=args.rounds)
@@ -155,6 +156,7 @@ def run_model(name: str, args) -> tuple[dict, list[dict]]:
         "tuned_drop": round(best.drop, 4), "uniform_drop": round(best_u.drop, 4) if best_u else None,
         "float_ms": timed["float"], "uniform_ms": timed.get("uniform"), "tuned_ms": timed["tuned"],
         "tuned_vs_uniform": (timed["tuned"] / timed["uniform"]) if "uniform" in timed else None,
+        "tuned_vs_uniform_size": best.size_bytes / best_u.size_bytes if best_u else None,
         "tuned_is_uniform": any(_same_model(r.pipeline, best.pipeline) for r in uniform),
         "same_graph_as_uniform": twin,
         "float_KiB": size["float"] / 1024, "uniform_KiB": size["uniform"] / 1024 if size["uniform"] else None,
@@ -165,6 +167,12 @@ def run_model(name: str, args) -> tuple[dict, list[dict]]:
               "latency_ms": r.latency_ms, "vs_float": r.rel_latency, "KiB": r.size_bytes / 1024,
               "meets": r.drop <= args.max_drop, "pipeline": r.pipeline} for r in res.pareto]
     return row, front
+
+
+def _suffix(args) -> str:
+    """Results of other strategies and objectives go to their own files (tune-tpe, tune-size)."""
+    return ("" if args.strategy == "greedy" else f"-{args.strategy}") + \
+        ("" if args.objective == "latency" else f"-{args.objective}")
 
 
 def main(argv=None) -> None:
@@ -201,10 +209,11 @@ def main(argv=None) -> None:
              "marks a winner that is such a twin of the best uniform configuration (ratio 1 by construction)",
              "tuned_vs_uniform < 1 means the tuned model is faster than the best uniform configuration "
              "that meets the same budget"]
-    report("tune", rows, title="opc tune vs the best uniform configuration", settings=settings, notes=notes,
+    suffix = _suffix(args)
+    report(f"tune{suffix}", rows, title="opc tune vs the best uniform configuration", settings=settings, notes=notes,
            threads=args.threads, write_json=not args.no_json)
     print()
-    report("tune-pareto", fronts, title="Pareto front of all trials (drop vs " + args.objective + ")",
+    report(f"tune{suffix}-pareto", fronts, title="Pareto front of all trials (drop vs " + args.objective + ")",
            settings=settings, threads=args.threads, write_json=not args.no_json)
 
 

@@ -605,8 +605,13 @@ class TPESampler:
     """
 
     def __init__(self, space: dict[str, Sequence], seed: int = 0, gamma: float = 0.25, candidates: int = 24,
-                 startup: int = 4, prior: float = 1.0):
+                 startup: int = 4, prior: float = 1.0, weights: dict[str, Sequence[float]] | None = None):
         self.space = {k: list(v) for k, v in space.items()}
+        # prior belief per choice (default uniform): random draws follow it, and it spreads the
+        # ``prior`` pseudo-counts of each density
+        weights = weights or {}
+        self.weights = {k: [float(w) / sum(weights[k]) for w in weights[k]] if k in weights
+                        else [1.0 / len(v)] * len(v) for k, v in self.space.items()}
         self.rng = random.Random(seed)
         self.gamma, self.candidates, self.startup, self.prior = gamma, candidates, startup, prior
         self.history: list[tuple[dict, float]] = []
@@ -618,7 +623,7 @@ class TPESampler:
         return tuple(point[k] for k in self.space)
 
     def _random(self) -> dict:
-        return {k: self.rng.choice(v) for k, v in self.space.items()}
+        return {k: self.rng.choices(v, weights=self.weights[k])[0] for k, v in self.space.items()}
 
     def suggest(self) -> dict:
         seen = {self._key(p) for p, _ in self.history}
@@ -634,8 +639,9 @@ class TPESampler:
 
         def density(points, k):
             counts = Counter(p.get(k) for p in points)
-            total = len(points) + self.prior * len(self.space[k])
-            return {c: (counts[c] + self.prior) / total for c in self.space[k]}
+            n = len(self.space[k])
+            total = len(points) + self.prior * n
+            return {c: (counts[c] + self.prior * n * w) / total for c, w in zip(self.space[k], self.weights[k])}
 
         l_dens = {k: density(good, k) for k in self.space}
         g_dens = {k: density(bad, k) for k in self.space}
@@ -953,7 +959,10 @@ class _Search:
         space["calibration"] = [None] + [c for c in pass_choices("quantize", "calibration") if c not in (default, "random")]
         if any("prune" in note for _, note in uniform_configs(self.model, self.objective)):
             space["prune"] = [0.0, *PRUNE_LEVELS]  # small models only, as in the uniform phase
-        sampler = TPESampler(space, seed=self.seed)
+        # a priori about one layer in float per draw: the fallback already found the sensitive ones
+        float_share = min(0.5, 1.0 / max(1, len(layers)))
+        sampler = TPESampler(space, seed=self.seed,
+                             weights={f"float:{n}": [1 - float_share, float_share] for n in layers})
 
         def point_of(cfg: Config) -> dict | None:
             if (cfg.weight_only, cfg.extra, cfg.prune_layers) != (base.weight_only, base.extra, ()) or \
