@@ -15,8 +15,13 @@ three run every kernel (``opc.ort.latency_clock``): other jobs on the shared mac
 time, not that; with more threads, wall time.
 Targets (issue 8): opc <= 3x ORT, >= 20x ReferenceEvaluator.
 
-GPU table (runs when CuPy sees a GPU): opc CuPy vs PyTorch eager (same module, fp32, no_grad)
-at batch 32, with peak device memory (CuPy memory pool vs torch.cuda.max_memory_allocated).
+GPU table (runs when CuPy sees a GPU; ``--gpu-only`` for just that one, needs a CUDA build of
+PyTorch): opc CuPy (fused elementwise kernels, CUDA-graph replay; and without the graph) vs
+PyTorch eager (same module, fp32, no_grad) at batch 32 on resnet18 and bert-tiny, wall time with a
+device synchronization after every call, and peak activation memory above the weights and feeds
+(CuPy pool peak plus the graph's own pool vs torch.cuda.max_memory_allocated).
+
+    python -m benchmarks.runtime --gpu-only           # on a GPU machine: the GPU table only
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ import tracemalloc
 import numpy as np
 
 from benchmarks import common
-from opc.runtime.cli_impl import median_ms
 
 MODELS = ["resnet18", "mobilenetv2", "bert-tiny", "kws-lstm"]
 BATCHES = [1, 32]
@@ -108,47 +112,108 @@ def cpu_row(name: str, batch: int, repeats: int, threads: int, reference: bool) 
     return row
 
 
-def gpu_rows(models: list[str], batch: int, repeats: int) -> list[dict]:
+class _PeakAllocator:  # pragma: no cover - GPU only
+    """CuPy's default pool, recording the peak of its used bytes (the peak is reached right
+    after an allocation, so sampling there is exact)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.peak = pool.used_bytes()
+
+    def malloc(self, n):
+        mem = self.pool.malloc(n)
+        used = self.pool.used_bytes()
+        if used > self.peak:
+            self.peak = used
+        return mem
+
+    def reset(self):
+        self.peak = self.pool.used_bytes()
+
+
+def gpu_rows(models: list[str], batch: int, repeats: int) -> list[dict]:  # pragma: no cover - GPU only
+    """opc (CuPy: fused elementwise kernels, CUDA-graph replay) vs PyTorch eager (fp32, no_grad)
+    on one GPU, timed interleaved with a device synchronization after every call.
+
+    Activation memory: device bytes above what was held before the first run, at the peak of
+    the runs (CuPy pool peak + the CUDA graph's own pool for opc; max_memory_allocated for
+    PyTorch): weights and the feeds are excluded on both sides."""
     import cupy
     import torch
 
     import opc.models as zoo
     from opc.ir import load_model
+    from opc.ort import compare
     from opc.runtime import Session
 
+    if not torch.cuda.is_available():
+        raise SystemExit("the GPU table needs a CUDA build of PyTorch (this one is " + torch.__version__ + ")")
+    pool = cupy.get_default_memory_pool()
+    tracker = _PeakAllocator(pool)
+    cupy.cuda.set_allocator(tracker.malloc)
     rows = []
     for name in models:
         model = load_model(common.zoo_model(name))
         feeds = _feeds(model, batch)
-        sess = Session(model, backend="cupy")
         dev = {k: cupy.asarray(v) for k, v in feeds.items()}
-        pool = cupy.get_default_memory_pool()
+        sess = Session(model, backend="cupy")
+        plain = Session(model, backend="cupy", cuda_graphs=False)
+        cupy.cuda.Device().synchronize()
+        tracker.reset()
+        before = pool.used_bytes()  # weights of both sessions and the feeds
+        for _ in range(4):  # trace, warm-up, capture, replay
+            got = sess.run(None, dev, to_numpy=False)
+        cupy.cuda.Device().synchronize()
+        state = sess.layout().graph
+        graph_pool = state.captured.pool.total_bytes() if state is not None and state.captured is not None else 0
+        opc_act = tracker.peak - before + graph_pool
+        for _ in range(2):
+            plain.run(None, dev, to_numpy=False)
+
+        module = zoo.build(name).cuda()
+        args = [torch.from_numpy(feeds[k]).cuda() for k in zoo.input_names(name)]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            ref = module(*args)
+        torch.cuda.synchronize()
+        torch_act = torch.cuda.max_memory_allocated() - base
+        ref = ref if isinstance(ref, (tuple, list)) else (ref,)
+        err = max(compare(r.float().cpu().numpy(), cupy.asnumpy(g))["max_rel"] for r, g in zip(ref, got))
 
         def run_opc():
             sess.run(None, dev, to_numpy=False)
             cupy.cuda.Device().synchronize()
 
-        run_opc()
-        run_opc()
-        pool_used = pool.total_bytes()
-        opc_ms = median_ms(run_opc, repeats)
-        module = zoo.build(name).cuda()
-        args = [torch.from_numpy(feeds[k]).cuda() for k in zoo.input_names(name)]
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        def run_plain():
+            plain.run(None, dev, to_numpy=False)
+            cupy.cuda.Device().synchronize()
 
         def run_torch():
             with torch.no_grad():
                 module(*args)
             torch.cuda.synchronize()
 
-        run_torch()
-        torch_peak = torch.cuda.max_memory_allocated() - base
-        torch_ms = median_ms(run_torch, repeats)
-        rows.append({"model": name, "batch": batch, "cupy_ms": opc_ms, "torch_eager_ms": torch_ms,
-                     "cupy/torch": opc_ms / torch_ms, "opc_arena_mib": sess.arena_bytes(feeds) / 2**20,
-                     "opc_pool_mib": pool_used / 2**20, "torch_activation_peak_mib": torch_peak / 2**20})
+        opc_ms, plain_ms, torch_ms = _interleaved_ms([run_opc, run_plain, run_torch], repeats, warmup=3)
+        rows.append({"model": name, "batch": batch, "opc_cupy_ms": opc_ms, "opc_no_graph_ms": plain_ms,
+                     "torch_eager_ms": torch_ms, "opc/torch": opc_ms / torch_ms,
+                     "opc_activation_mib": opc_act / 2**20, "torch_activation_mib": torch_act / 2**20,
+                     "opc/torch_memory": opc_act / torch_act if torch_act else None,
+                     "opc_arena_mib": sess.arena_bytes(feeds) / 2**20,
+                     "fused_steps": sess.program.fused_elementwise,
+                     "cuda_graph": "replayed" if state is not None and state.captured is not None
+                     else (state.blocked if state is not None else "off"),
+                     "max_rel_vs_torch": err})
+        print(f"  {name} batch {batch}: opc {opc_ms:.2f} ms (no graph {plain_ms:.2f}), torch {torch_ms:.2f} ms",
+              flush=True)
+        pool.free_all_blocks()
+        torch.cuda.empty_cache()
+    cupy.cuda.set_allocator(pool.malloc)
     return rows
+
+
+GPU_MODELS = ["resnet18", "bert-tiny"]
 
 
 def main(argv=None) -> None:
@@ -157,8 +222,11 @@ def main(argv=None) -> None:
         p.add_argument("--reference-all", action="store_true",
                        help="time ReferenceEvaluator at every batch (slow), not only batch 1")
         p.add_argument("--no-gpu", action="store_true")
+        p.add_argument("--gpu-only", action="store_true", help="only the GPU table (opc CuPy vs PyTorch eager)")
 
     args = common.bench_args("opc runtime vs ONNX Runtime vs ReferenceEvaluator", MODELS, argv, extra)
+    if args.gpu_only:
+        return _gpu_table(args)
     rows = []
     for name in args.models:
         for batch in args.batches:
@@ -174,14 +242,28 @@ def main(argv=None) -> None:
                          "run_peak_mib: tracemalloc peak during one run, with the arena and weights already "
                          "held (held_before_run_mib); arena + weights is the planned figure"],
                   threads=args.threads, write_json=not args.no_json)
+    if not args.no_gpu:
+        _gpu_table(args)
+
+
+def _gpu_table(args) -> None:
     from opc.runtime import cupy_usable
 
-    if args.no_gpu or not cupy_usable():
+    if not cupy_usable():
         print("\nGPU table skipped: no usable GPU for CuPy on this machine.")
         return
-    gpu = gpu_rows([m for m in args.models if m in ("resnet18", "bert-tiny")], 32, args.repeats)
+    models = [m for m in args.models if m in GPU_MODELS] or GPU_MODELS
+    import cupy
+
+    gpu = gpu_rows(models, 32, args.repeats)
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     common.report("runtime_gpu", gpu, title="opc runtime (CuPy) vs PyTorch eager, batch 32",
-                  settings={"repeats": args.repeats}, write_json=not args.no_json)
+                  settings={"repeats": args.repeats, "gpu": props["name"].decode(), "cupy": cupy.__version__},
+                  notes=["targets (issue 8): opc/torch <= 1 (latency), opc/torch_memory <= 1 (activation memory)",
+                         "latency: median of interleaved calls, each followed by a device synchronization",
+                         "activation: device bytes above those held before the first run (weights, feeds), "
+                         "at the peak; opc includes its arena and the CUDA graph's pool"],
+                  write_json=not args.no_json)
 
 
 if __name__ == "__main__":
