@@ -480,3 +480,32 @@ def test_small_or_few_tile_convs_are_not_winograd():
     assert k_nn._conv_plan(node, (1, 256, 28, 28), (256, 256, 3, 3), 4)["kind"] == "wide"
     assert k_nn._conv_plan(node, (1, 8, 32, 32), (8, 8, 3, 3), 4)["kind"] == "wide"  # few multiply-adds
     assert k_nn._conv_plan(node, (1, 64, 56, 56), (64, 64, 3, 3), 8)["kind"] == "wide"  # float64
+
+
+def test_gather_constant_indices_into_the_arena():
+    """Constant indices (negative ones included) are wrapped and checked once, then gathered
+    straight into the arena; out-of-range constant indices still fail with the node's name."""
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 5, 3] x) => (float[a, b, c, d] y) {
+        i = Constant <value = int64[2, 2] {-1, 0, 4, -5}> ()
+        r = Relu (x)
+        t = Gather <axis = 1> (r, i)
+        y = Neg (t)
+    }
+    """)
+    x = np.random.default_rng(4).standard_normal((2, 5, 3)).astype(np.float32)
+    _check(model, {"x": x}, runs=3)
+    bad = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 5, 3] x) => (float[a, b, c] y) {
+        i = Constant <value = int64[2] {1, 5}> ()
+        y = Gather <axis = 1> (x, i)
+    }
+    """)
+    from opc.errors import OpcError
+
+    sess = rt.Session(bad, backend="numpy")
+    for _ in range(2):
+        with pytest.raises(OpcError, match=r"\(Gather\) failed: IndexError"):
+            sess.run(None, {"x": x})
