@@ -436,3 +436,76 @@ def test_literals():
     assert fuse.literal(float("nan"), "float") == "float(opc_nan())"
     v = np.float32(0.1)
     assert np.float32(eval(fuse.literal(v, "float")[6:-1])) == v  # round-trips the float32 value
+
+
+# -- the CuPy runner, driven by a stand-in for cupy.ElementwiseKernel ---------------------------
+
+class FakeElementwiseKernel:
+    """cupy.ElementwiseKernel's calling convention (inputs broadcast, optional output argument
+    written in place), computing the body with the Python translator above."""
+
+    made = []
+
+    def __init__(self, in_params, out_params, operation, name, preamble=""):
+        assert preamble == CUDA_PREAMBLE and name == "opc_fused"
+        self.src = (in_params, out_params, operation)
+        FakeElementwiseKernel.made.append(self.src)
+
+    def __call__(self, *args):
+        n_in = len(self.src[0].split(", "))
+        ins, out = args[:n_in], args[n_in:]
+        shape = np.broadcast_shapes(*[np.shape(a) for a in ins])
+        res = np.broadcast_to(_translate(self.src, [np.asarray(a) for a in ins]), shape)
+        if out:
+            np.copyto(out[0], res)
+            return out[0]
+        return np.array(res)
+
+
+class FakeCupy:
+    """Just enough of the cupy namespace for the fused runner (not NumPy: is_numpy() is False)."""
+
+    __name__ = "cupy-fake"
+    ElementwiseKernel = FakeElementwiseKernel
+
+
+def test_cupy_runner_one_kernel_per_signature_output_in_place():
+    model = _gelu_model()
+    sess = rt.Session(model, backend="numpy", fuse=True)
+    (st,) = _fused_steps(sess)
+    FakeElementwiseKernel.made.clear()
+    run = fuse.make_runner(st.node.group, FakeCupy())
+    h = np.random.default_rng(8).standard_normal((2, 16)).astype(np.float32)
+    want = st.fn([h], None, None)  # the NumPy executor (equal to the unfused steps: tests above)
+    out = np.empty((2, 16), np.float32)
+    got = run([h], [out], None)
+    assert got is out
+    np.testing.assert_allclose(out, want, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(run([h], None, None), want, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(run([h], [np.empty((3, 3), np.float32)], None), want, rtol=2e-6, atol=1e-7)
+    assert len(FakeElementwiseKernel.made) == 1  # compiled once for the float32 signature
+    # float16: no kernel, the members' own kernels run (as unfused)
+    h16 = h.astype(np.float16)
+    np.testing.assert_array_equal(run([h16], None, None), st.fn([h16], None, None))
+    assert len(FakeElementwiseKernel.made) == 1
+
+
+def test_cupy_runner_on_random_trees():
+    rng = np.random.default_rng(30)
+    made = runs = 0
+    with np.errstate(all="ignore"):
+        for _ in range(20):
+            model, feeds = _random_tree(rng, np.float32, depth=3)
+            sess = rt.Session(model, backend="numpy", fuse=True)
+            (st,) = sess.program.steps
+            if st.node.op_type != FUSED_OP:  # one step left after folding: nothing to fuse
+                continue
+            runs += 1
+            ins = [feeds[sess.program.names[s]] if sess.program.names[s] in feeds else sess.program.consts[s]
+                   for s in st.ins]
+            FakeElementwiseKernel.made.clear()
+            got = fuse.make_runner(st.node.group, FakeCupy())(ins, None, None)
+            want = rt.Session(model, backend="numpy", fuse=False).run(None, feeds)[0]
+            np.testing.assert_allclose(got, want, rtol=5e-6, atol=1e-6, equal_nan=True)
+            made += len(FakeElementwiseKernel.made)
+    assert made == runs >= 15

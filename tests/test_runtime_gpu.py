@@ -362,3 +362,122 @@ def test_cupy_fused_kernel_matches_numpy():  # pragma: no cover - GPU only
     for _ in range(3):
         np.testing.assert_allclose(sess.run(None, {"x": cupy.asarray(x)})[0], ref, rtol=1e-5, atol=1e-6)
 
+
+
+class _FakeCudaNamespace:
+    """The few cupy.cuda calls CupyAdapter makes, logged in order."""
+
+    def __init__(self, log):
+        self.log = log
+        self.allocator = None
+        ns = self
+
+        class Stream:
+            def __init__(self, non_blocking=False, name="side"):
+                self.name = name
+
+            def __enter__(self):
+                ns.log.append(f"{self.name}: enter")
+
+            def __exit__(self, *exc):
+                ns.log.append(f"{self.name}: exit")
+
+            def begin_capture(self):
+                ns.log.append(f"{self.name}: begin_capture")
+
+            def end_capture(self):
+                ns.log.append(f"{self.name}: end_capture")
+                return Graph()
+
+            def wait_event(self, ev):
+                ns.log.append(f"{self.name}: wait {ev}")
+
+            def record(self):
+                return f"event({self.name})"
+
+        class Graph:
+            def upload(self, stream):
+                ns.log.append("graph: upload")
+
+            def launch(self, stream):
+                ns.log.append(f"graph: launch on {stream.name}")
+
+        class MemoryPool:
+            def malloc(self, n):
+                return n
+
+        class using_allocator:
+            def __init__(self, malloc):
+                self.malloc = malloc
+
+            def __enter__(self):
+                ns.allocator = self.malloc
+                ns.log.append("private pool on")
+
+            def __exit__(self, *exc):
+                ns.allocator = None
+                ns.log.append("private pool off")
+
+        self.Stream, self.MemoryPool, self.using_allocator = Stream, MemoryPool, using_allocator
+        self.current = Stream(name="current")
+
+    def get_current_stream(self):
+        return self.current
+
+
+class _FakeCp:
+    def __init__(self):
+        self.log = []
+        self.cuda = _FakeCudaNamespace(self.log)
+
+    def copyto(self, dst, src):
+        self.log.append("copy feed")
+        np.copyto(dst, src)
+
+
+def test_cupy_adapter_call_order():
+    from opc.runtime.gpu_graph import CupyAdapter
+
+    cp = _FakeCp()
+    a = CupyAdapter(cp)
+    stream, pool = a.new_stream(), a.new_pool()
+
+    def work():
+        cp.log.append(f"work (allocator {'private' if cp.cuda.allocator == pool.malloc else 'default'})")
+    graph = a.capture(stream, pool, work)
+    assert cp.log == ["side: wait event(current)", "private pool on", "side: enter", "side: begin_capture",
+                      "work (allocator private)", "side: end_capture", "side: exit", "private pool off",
+                      "graph: upload"]
+    cp.log.clear()
+    buf, out = np.zeros(3), np.arange(3.0)
+    res = a.replay(graph, stream, [(buf, np.ones(3))], [out])
+    assert cp.log == ["side: wait event(current)", "side: enter", "copy feed", "graph: launch on side",
+                      "side: exit", "current: wait event(side)"]
+    assert buf.tolist() == [1, 1, 1] and res[0].tolist() == [0, 1, 2] and res[0] is not out
+
+
+def test_cupy_adapter_ends_a_failed_capture():
+    from opc.runtime.gpu_graph import CupyAdapter
+
+    cp = _FakeCp()
+    a = CupyAdapter(cp)
+
+    def work():
+        raise RuntimeError("cudaErrorStreamCaptureUnsupported")
+    with pytest.raises(RuntimeError, match="Unsupported"):
+        a.capture(a.new_stream(), a.new_pool(), work)
+    assert "side: end_capture" in cp.log and cp.log[-1] == "private pool off" and cp.cuda.allocator is None
+
+
+def test_the_cupy_calls_exist_in_the_installed_cupy():
+    cupy = pytest.importorskip("cupy")
+    for obj, names in ((cupy.cuda, ["Stream", "MemoryPool", "using_allocator", "get_current_stream", "Graph"]),
+                       (cupy.cuda.Stream, ["begin_capture", "end_capture", "wait_event", "record"]),
+                       (cupy.cuda.Graph, ["launch", "upload"]), (cupy, ["ElementwiseKernel", "copyto"])):
+        missing = [n for n in names if not hasattr(obj, n)]
+        assert not missing, (obj, missing)
+    # constructing a kernel needs no GPU (compilation happens at the first call)
+    from opc.runtime.fuse import CUDA_PREAMBLE
+
+    cupy.ElementwiseKernel("float32 x0, bool x1", "float32 y", "const float t0 = opc_where(x1, x0, float(0));\ny = t0;",
+                           "opc_fused", preamble=CUDA_PREAMBLE)
