@@ -337,7 +337,7 @@ def fuse_stacked_lstm(p, graph_outputs: set[int]) -> int:
     feed only the next layer) become one step running the layers as a wavefront
     (``_stacked_lstm``). Returns the number of steps removed."""
     from opc.runtime.program import Step
-    from opc.runtime.registry import KERNELS, Node
+    from opc.runtime.registry import KERNELS, Node, Spec
 
     readers: dict[int, list[int]] = {}
     for i, st in enumerate(p.steps):
@@ -399,8 +399,8 @@ def fuse_stacked_lstm(p, graph_outputs: set[int]) -> int:
                     [p.names[s] if s >= 0 else "" for s in ins], list(last.node.outputs), dict(last.node.attrs),
                     last.node.opset)
         node.captures, node.const_ins = [], tuple(const)
-        fused = Step(node, KERNELS[("", "LSTM")], _stacked_lstm(node, p.xp, len(layers)), ins, list(last.outs),
-                     last.index)
+        spec = Spec(KERNELS[("", "LSTM")].build, workspace=stacked_lstm_workspace)
+        fused = Step(node, spec, _stacked_lstm(node, p.xp, len(layers)), ins, list(last.outs), last.index)
         replace[chain[-1]] = fused
         drop.update(chain[:-1])
         drop.update(squeezes)
@@ -462,6 +462,33 @@ def _stacked_lstm(node, xp, L):
         cache["w"] = (key, res)
         return res
 
+    def frame(seq, batch, D, dt, Hs, ws):
+        """Every buffer of a run and the step schedule; carved from the workspace (the same
+        view every run of a planned signature) and then kept, else allocated for this run."""
+        key = (seq, batch, D, dt, tuple(Hs))
+        hit = cache.get("frame")
+        if ws is not None and hit is not None and hit[0] == key and hit[1] is ws:
+            return hit[2]
+        HS, H0, n = sum(Hs), Hs[0], seq + L - 1
+        off = 0
+        views = []
+        for shape in _stacked_shapes(seq, batch, Hs, L):
+            v, off = _carve(xp, ws, off, shape, dt)
+            views.append(v)
+        xw, proj, hbuf, zz, prod, tmp, init_h, init_c = views
+        bufs = (zz, prod, tmp, xp.asarray(0.5, dtype=dt), zz[:, 4 * HS:])
+        blocks = xw.reshape(n * batch, 4, HS)[:seq * batch, :, :H0]
+        schedule, k = [], 0
+        while k < n:
+            # steps where no layer starts or ends run as one batch of steps
+            stop = k + 1 if k < L - 1 or k >= seq - 1 else seq - 1
+            schedule.append((k, stop, [(j, hbuf[j]) for j in range(k, stop)]))
+            k = stop
+        fr = (xw, proj, proj.reshape(seq * batch, 4, H0), blocks, hbuf, bufs, init_h, init_c, schedule)
+        if ws is not None:
+            cache["frame"] = (key, ws, fr)
+        return fr
+
     def run(ins, outs, ws):
         ins = list(ins) + [None] * (7 * L - len(ins))
         x = ins[0]
@@ -470,37 +497,29 @@ def _stacked_lstm(node, xp, L):
         Hs, offs, wc, rc, bc = weights(ins, dt)
         HS = sum(Hs)
         last = slice(offs[-1], HS)
-        init_h = xp.zeros((batch, HS), dtype=dt)
-        init_c = xp.zeros((batch, HS), dtype=dt)
-        for li in range(L):
-            h0, c0 = ins[7 * li + 5], ins[7 * li + 6]
-            part = slice(offs[li], offs[li] + Hs[li])
-            if h0 is not None:
-                init_h[:, part] = h0[0]
-            if c0 is not None:
-                init_c[:, part] = c0[0]
         y = _out(xp, outs, 0, (seq, 1, batch, Hs[-1]), dt)
+        xw, proj, proj3, blocks, hbuf, bufs, init_h, init_c, schedule = frame(seq, batch, int(x.shape[2]), dt, Hs,
+                                                                               ws)
+        for init, k in ((init_h, 5), (init_c, 6)):
+            if any(ins[7 * li + k] is None for li in range(L)):
+                init[...] = 0
+            for li in range(L):
+                if ins[7 * li + k] is not None:
+                    init[:, offs[li]:offs[li] + Hs[li]] = ins[7 * li + k][0]
         if seq == 0:
             return [y, init_h[None, :, last].copy(), init_c[None, :, last].copy()]
         n = seq + L - 1
         # all steps' gate inputs: the biases, plus layer 0's input projection (one GEMM over its
         # own columns only, added into the four gate blocks through one strided view)
-        xw = xp.empty((n, batch, 4 * HS), dtype=dt)
         xw[...] = bc
-        proj = xp.matmul(x.reshape(seq * batch, x.shape[2]), wc).reshape(seq * batch, 4, Hs[0])
-        blocks = xw.reshape(n * batch, 4, HS)[:seq * batch, :, :Hs[0]]
-        xp.add(blocks, proj, out=blocks)
-        hbuf = xp.empty((n, batch, HS), dtype=dt)
-        bufs = _step_buffers(xp, batch, HS, dt)
+        xp.matmul(x.reshape(seq * batch, x.shape[2]), wc, out=proj)
+        xp.add(blocks, proj3, out=blocks)
         c = bufs[-1]
         c[...] = init_c
         finals = [None] * L
         h = init_h
-        k = 0
-        while k < n:
-            # steps where no layer starts or ends run as one batch of steps
-            stop = k + 1 if k < L - 1 or k >= seq - 1 else seq - 1
-            h = _lstm_steps(xp, bufs, rc, xw, h, [(j, hbuf[j]) for j in range(k, stop)])
+        for k, stop, steps in schedule:
+            h = _lstm_steps(xp, bufs, rc, xw, h, steps)
             if stop == k + 1:  # (the batch in the middle holds no such step)
                 for li in range(1, L):
                     if k < li:  # layer li has not started: back to its initial state
@@ -510,10 +529,41 @@ def _stacked_lstm(node, xp, L):
                 for li in range(L):
                     if k == seq - 1 + li:
                         finals[li] = c[:, offs[li]:offs[li] + Hs[li]].copy()
-            k = stop
         y[:, 0] = hbuf[L - 1:, :, last]
         return [y, hbuf[n - 1][None, :, last].copy(), finals[-1][None]]
     return run
+
+
+def _stacked_shapes(seq, batch, Hs, L):
+    """Buffers of the wavefront kernel: gate inputs, layer 0's projection, the h of every step,
+    gates + cell state, products, tanh(c), initial h and c."""
+    HS, n = sum(Hs), max(seq + L - 1, 1)
+    return [(n, batch, 4 * HS), (max(seq, 1) * batch, 4 * Hs[0]), (n, batch, HS), (batch, 5 * HS),
+            (batch, 2 * HS), (batch, HS), (batch, HS), (batch, HS)]
+
+
+def stacked_lstm_workspace(node, shapes, dtypes) -> int:
+    """Scratch bytes of a fused stack (inputs: 7 per layer, R at 7 * layer + 2)."""
+    if not shapes or shapes[0] is None:
+        return 0
+    L = len(shapes) // 7
+    try:
+        Hs = [int(shapes[7 * li + 2][2]) for li in range(L)]
+    except (TypeError, IndexError):
+        return 0
+    item = np.dtype(dtypes[0]).itemsize if dtypes and dtypes[0] is not None else 4
+    return sum(_align(int(np.prod(s)) * item) for s in _stacked_shapes(int(shapes[0][0]), int(shapes[0][1]), Hs, L))
+
+
+def _align(n):
+    return (n + 63) // 64 * 64
+
+
+def _carve(xp, ws, off, shape, dt):
+    nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
+    if ws is not None and off + nbytes <= ws.size:
+        return ws[off:off + nbytes].view(dt).reshape(shape), off + _align(nbytes)
+    return xp.empty(shape, dtype=dt), off
 
 
 def _out(xp, outs, i, shape, dt):

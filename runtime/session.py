@@ -238,7 +238,9 @@ class Session:
                     alias = step.spec.alias and k == 0 and ins and ins[0] is not None and \
                         r.size and data_ptr(r) == data_ptr(ins[0])
                     record[s] = (tuple(r.shape), r.dtype, alias, step.ins[0] if alias else -1)
-            if trace and (step.spec.dynamic or any(j in varying for j in step.ins)):
+            # a value-dependent shape varies unless the values are themselves shape-derived
+            # (ConstantOfShape of a computed shape: fixed per signature)
+            if trace and ((step.spec.dynamic and not _shape_only(step, known)) or any(j in varying for j in step.ins)):
                 varying.update(s for s in step.outs if s >= 0)
             elif trace and _shape_only(step, known) and all(
                     r is None or getattr(r, "size", 0) <= STATIC_MAX_ELEMENTS for r in res):

@@ -509,3 +509,22 @@ def test_gather_constant_indices_into_the_arena():
     for _ in range(2):
         with pytest.raises(OpcError, match=r"\(Gather\) failed: IndexError"):
             sess.run(None, {"x": x})
+
+
+def test_constant_of_shape_of_a_shape_is_computed_once_per_signature():
+    """ConstantOfShape's output shape depends on its input's values, but when those come from
+    shapes only they are fixed for an input signature: it is not re-run in the arena loop."""
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 3] x) => (float[N, 3] y) {
+        s = Shape (x)
+        c = ConstantOfShape <value = float[1] {2.0}> (s)
+        y = Mul (x, c)
+    }
+    """)
+    rng = np.random.default_rng(5)
+    for n in (2, 4):
+        sess = _check(model, {"x": rng.standard_normal((n, 3)).astype(np.float32)}, runs=3)
+        lay = sess.layout()
+        ops = [sess.program.steps[i].node.op_type for i in lay.run_steps]
+        assert "ConstantOfShape" not in ops and "Shape" not in ops, ops
