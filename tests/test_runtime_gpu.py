@@ -3,8 +3,9 @@ when CuPy can use one.
 
 - No host-device synchronization inside a steady-state run: the zoo models run on NumPy through
   an array module whose arrays behave like CuPy's (every result, reductions included, is an
-  array, and converting one to a Python number or to the host is recorded); a run may read on
-  the host only what was copied there at load or at signature time (``xp.register_host``).
+  array; converting one to a Python number or to the host, and copying host data in with
+  ``xp.asarray``, is recorded); a run may read on the host only what was copied there at load
+  or at signature time (``xp.register_host``).
   Negative controls show the guard does catch a real sync.
 - CUDA-graph capture/replay (runtime/gpu_graph.py): the decisions, the fallback after a failed
   capture, the fixed input buffers and the copied-out outputs, with a fake GPU adapter that
@@ -107,7 +108,12 @@ class DeviceNumpy:
         if isinstance(f, (type, np.ufunc)) or not callable(f):
             return f
 
+        copies_in = name in ("asarray", "array", "ascontiguousarray")
+
         def call(*args, **kwargs):
+            if copies_in and Device.events is not None and args and not isinstance(args[0], Device):
+                # CuPy copies host data to the device here (synchronously, from pageable memory)
+                Device.events.append(f"host-to-device copy of a {type(args[0]).__name__} (xp.{name})")
             return _device(f(*args, **kwargs))
         return call
 
@@ -188,7 +194,8 @@ def test_guard_catches_python_conversions(device_xp):
         int(a[1])
         a.get()
         xpmod.host_ints(a)
-    kinds = ["float()", "int()", ".get()", "to_host"]
+        device_xp.asarray(np.float32(2))
+    kinds = ["float()", "int()", ".get()", "to_host", "host-to-device"]
     assert all(any(e.startswith(k) for e in w.events) for k in kinds), w.events
 
 
