@@ -173,7 +173,9 @@ def _make_step(p, steps, const_slots):
     node.const_ins = tuple(False for _ in ext)
     node.members = [st.node for st in steps]
     group = Group(members, len(ext), names)
-    spec = registry.Spec(build=None, workspace=lambda nd, shapes, dtypes: workspace_bytes(group, shapes, dtypes))
+    # scratch for the NumPy executor's smaller intermediates; a CUDA kernel keeps them in registers
+    ws = (lambda nd, shapes, dtypes: workspace_bytes(group, shapes, dtypes)) if is_numpy(p.xp) else None
+    spec = registry.Spec(build=None, workspace=ws)
     fn = make_runner(group, p.xp)
     node.group = group
     return Step(node, spec, fn, ext, list(root.outs), root.index)

@@ -468,6 +468,9 @@ class FakeCupy:
     __name__ = "cupy-fake"
     ElementwiseKernel = FakeElementwiseKernel
 
+    def __getattr__(self, name):  # array creation etc. for compile_graph: NumPy's
+        return getattr(np, name)
+
 
 def test_cupy_runner_one_kernel_per_signature_output_in_place():
     model = _gelu_model()
@@ -509,3 +512,33 @@ def test_cupy_runner_on_random_trees():
             np.testing.assert_allclose(got, want, rtol=5e-6, atol=1e-6, equal_nan=True)
             made += len(FakeElementwiseKernel.made)
     assert made == runs >= 15
+
+
+@pytest.mark.parametrize("name", ["light_densenet121", "light_inception_v2"])
+def test_light_models_fused_equal_unfused(name):
+    """onnx's light models whose graphs have elementwise chains (decomposed normalizations):
+    with and without fusion, in the arena and without it, the outputs are identical."""
+    from runtime_helpers import LIGHT_MODELS, light_feeds, light_model
+
+    if name not in LIGHT_MODELS:
+        pytest.skip(f"this onnx ships no {name}")
+    model = light_model(name)
+    feeds = light_feeds(model)
+    a, _ = _both(model, feeds)
+    assert a.program.fused_elementwise > 100
+    plain = rt.Session(model, backend="numpy", fuse=True, use_arena=False)
+    for g, r in zip(plain.run(None, feeds), a.run(None, feeds)):
+        np.testing.assert_array_equal(g, r)
+
+
+def test_no_workspace_on_cupy():
+    # the CUDA kernel keeps intermediates in registers: no arena bytes for them on CuPy
+    from opc.runtime.program import compile_graph, opset_map
+
+    nodes = [helper.make_node("Add", ["v", "eps"], ["a"]), helper.make_node("Sqrt", ["a"], ["s"]),
+             helper.make_node("Div", ["d", "s"], ["out"])]
+    model = make_model(nodes, [_vi("v", [2, 5, 1]), _vi("d", [2, 5, 8])], [_vi("out", None)], [_const("eps", 1e-5)])
+    on_np = compile_graph(model.graph, np, opset_map(model))
+    on_gpu = compile_graph(model.graph, FakeCupy(), opset_map(model))
+    assert on_np.fused_elementwise == on_gpu.fused_elementwise == 2
+    assert on_np.steps[0].spec.workspace is not None and on_gpu.steps[0].spec.workspace is None
