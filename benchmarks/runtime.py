@@ -135,9 +135,10 @@ def gpu_rows(models: list[str], batch: int, repeats: int) -> list[dict]:  # prag
     """opc (CuPy: fused elementwise kernels, CUDA-graph replay) vs PyTorch eager (fp32, no_grad)
     on one GPU, timed interleaved with a device synchronization after every call.
 
-    Activation memory: device bytes above what was held before the first run, at the peak of
-    the runs (CuPy pool peak + the CUDA graph's own pool for opc; max_memory_allocated for
-    PyTorch): weights and the feeds are excluded on both sides."""
+    Activation memory of a steady-state run: for opc, what stays held after the first runs (the
+    arena, cached shape values, outputs) plus the transient peak of one more run plus the CUDA
+    graph's own pool; for PyTorch, max_memory_allocated during one forward above what the module
+    and the inputs hold. Weights and feeds are excluded on both sides."""
     import cupy
     import torch
 
@@ -159,14 +160,18 @@ def gpu_rows(models: list[str], batch: int, repeats: int) -> list[dict]:  # prag
         sess = Session(model, backend="cupy")
         plain = Session(model, backend="cupy", cuda_graphs=False)
         cupy.cuda.Device().synchronize()
-        tracker.reset()
         before = pool.used_bytes()  # weights of both sessions and the feeds
-        for _ in range(4):  # trace, warm-up, capture, replay
+        for _ in range(4):  # trace (fresh allocations), warm-up in the arena, capture, replay
             got = sess.run(None, dev, to_numpy=False)
         cupy.cuda.Device().synchronize()
+        held = pool.used_bytes() - before  # the arena, cached shape values, the last outputs
+        tracker.reset()
+        got = sess.run(None, dev, to_numpy=False)  # a steady-state run: its transient peak
+        cupy.cuda.Device().synchronize()
+        transient = tracker.peak - (before + held)
         state = sess.layout().graph
         graph_pool = state.captured.pool.total_bytes() if state is not None and state.captured is not None else 0
-        opc_act = tracker.peak - before + graph_pool
+        opc_act = held + max(transient, 0) + graph_pool
         for _ in range(2):
             plain.run(None, dev, to_numpy=False)
 
@@ -261,8 +266,9 @@ def _gpu_table(args) -> None:
                   settings={"repeats": args.repeats, "gpu": props["name"].decode(), "cupy": cupy.__version__},
                   notes=["targets (issue 8): opc/torch <= 1 (latency), opc/torch_memory <= 1 (activation memory)",
                          "latency: median of interleaved calls, each followed by a device synchronization",
-                         "activation: device bytes above those held before the first run (weights, feeds), "
-                         "at the peak; opc includes its arena and the CUDA graph's pool"],
+                         "activation: steady-state device bytes above weights and feeds; opc: held arena + "
+                         "outputs + transient peak of a run + the CUDA graph's pool; PyTorch: max_memory_allocated "
+                         "over one forward"],
                   write_json=not args.no_json)
 
 
