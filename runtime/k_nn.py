@@ -482,6 +482,8 @@ def _conv_im2col(xp, node, x, w, b, y, p, ws):
     prodK, prodO = int(math.prod(K)), int(math.prod(outs))
     chunk = p["chunk"]
     pad_slices = p["pad_slices"]
+    if g == 1 and N <= chunk and pad_slices is not None and ws is not None:
+        return _conv_im2col_planned(xp, x, w, b, y, p, ws)
     off = 0
     if pad_slices is not None:
         xpad_buf, off = _take(ws, 0, (chunk, C, *p["sp"]), x.dtype, xp)
@@ -504,6 +506,35 @@ def _conv_im2col(xp, node, x, w, b, y, p, ws):
             for ki, sl in enumerate(p["win"]):
                 cv[:, :, ki] = xg[sl]
             xp.matmul(wg[gi], cols.reshape(nb, Cg * prodK, prodO), out=yv[n0:n0 + nb, gi * Mg:(gi + 1) * Mg])
+    if b is not None:
+        xp.add(yv, b.reshape(M, 1), out=yv)
+    return y
+
+
+def _conv_im2col_planned(xp, x, w, b, y, p, ws):
+    """One batch chunk, padded, workspace given (the arena loop): the padded image, its borders,
+    and every (column block, window) copy pair are views into the workspace, made at the first
+    run with this workspace and kept, so a run is the copies, the GEMM and the bias (small convs
+    such as kws-lstm's 1-D front spent as long building views as in the GEMM)."""
+    hit = p.get("views")
+    if hit is None or hit[0] is not ws or hit[1] != x.dtype:
+        N, C = x.shape[:2]
+        prodK, prodO = len(p["win"]), int(math.prod(p["outs"]))
+        xpad, off = _take(ws, 0, (N, C, *p["sp"]), x.dtype, xp)
+        cols, off = _take(ws, off, (N, C, prodK, prodO), x.dtype, xp)
+        cv = cols.reshape(N, C, prodK, *p["outs"])
+        borders = [xpad[sl] for sl in p["pad_slices"][0]]
+        pairs = [(cv[:, :, ki], xpad[sl]) for ki, sl in enumerate(p["win"])]
+        hit = p["views"] = (ws, x.dtype, borders, xpad[p["pad_slices"][1]], pairs, cols.reshape(N, C * prodK, prodO))
+    _, _, borders, centre, pairs, cols = hit
+    for v in borders:
+        v.fill(0)
+    centre[...] = x
+    for dst, src in pairs:
+        dst[...] = src
+    M = w.shape[0]
+    yv = y.reshape(y.shape[0], M, -1)
+    xp.matmul(w.reshape(M, -1), cols, out=yv)
     if b is not None:
         xp.add(yv, b.reshape(M, 1), out=yv)
     return y

@@ -528,3 +528,28 @@ def test_constant_of_shape_of_a_shape_is_computed_once_per_signature():
         lay = sess.layout()
         ops = [sess.program.steps[i].node.op_type for i in lay.run_steps]
         assert "ConstantOfShape" not in ops and "Shape" not in ops, ops
+
+
+def test_small_conv_views_follow_the_workspace_across_signatures():
+    """The im2col conv keeps its workspace views per workspace: alternating input signatures
+    (each with its own arena) still give ORT's outputs, 1-D and strided 2-D."""
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array(rng.standard_normal((5, 4, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "u")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1]),
+             helper.make_node("Relu", ["c"], ["y"]),
+             helper.make_node("Conv", ["z", "u"], ["v"], pads=[1, 1, 1, 1], strides=[2, 2])]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ("N", 4, 9)),
+                     helper.make_tensor_value_info("z", TensorProto.FLOAT, ("N", 3, 11, 10))],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "v")], inits),
+        opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    sess = rt.Session(model, backend="numpy", threads=1)
+    for n in (1, 2, 1, 2, 1):
+        # x keeps its shape: its conv meets the same shapes with the other signature's workspace
+        feeds = {"x": rng.standard_normal((1, 4, 9)).astype(np.float32),
+                 "z": rng.standard_normal((n, 3, 11, 10)).astype(np.float32)}
+        for r, g in zip(_ort(model, feeds), sess.run(None, feeds)):
+            assert compare(r, g)["max_rel"] <= RTOL
+    assert len(sess._layouts) == 2
