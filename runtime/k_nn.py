@@ -997,7 +997,12 @@ def _sm(xp, op, x, axis, o):
         e -= s
         return e
     xp.exp(e, out=e)
-    s = xp.sum(e, axis=axis, keepdims=True)
+    if axis == x.ndim - 1 and e.flags.c_contiguous and e.dtype.kind == "f":
+        # the row sums as one GEMV with a column of ones (NumPy's keepdims sum costs more)
+        n = e.shape[-1]
+        s = xp.matmul(e.reshape(-1, n), xp.ones((n, 1), dtype=e.dtype)).reshape(e.shape[:-1] + (1,))
+    else:
+        s = xp.sum(e, axis=axis, keepdims=True)
     e /= s
     return e
 
