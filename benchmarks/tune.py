@@ -14,7 +14,8 @@ of the sentence embeddings (minilm-l6).
 
 Tables: the summary (benchmarks/results/tune.json) and the Pareto front of each model's
 trials in (drop, objective) (benchmarks/results/tune-pareto.json); the trial logs go to
-benchmarks/results/tune-MODEL.jsonl (with ``--strategy tpe`` or ``--objective size``: tune-tpe.json, tune-size-pareto.json, ...).
+benchmarks/results/tune-MODEL.jsonl (with ``--strategy tpe`` or ``--objective size``:
+tune-tpe.json, tune-size-pareto.json, ...).
 """
 
 from __future__ import annotations

@@ -945,18 +945,20 @@ class _Search:
     def tpe_phase(self, order: list[str]) -> None:
         """The trials left after the fallback, sampled by TPE over: each quantized layer in
         float or not, the calibration method, and channel pruning (none, 25%, 50%) where
-        channel pruning is a uniform candidate (small models); the incumbent's other options (weight-only, SmoothQuant,
-        bias correction) stay. Every earlier trial with those options is its history."""
+        channel pruning is a uniform candidate (small models); the incumbent's other options
+        (weight-only, SmoothQuant, bias correction) stay. Every earlier trial with those
+        options is its history."""
         current = self.best()
         base = replace(self.config_of.get(current.pipeline, Config()) if current else Config(), table=False)
         if base.weight_only:  # per-layer float choices are for static quantization
             static = [r for r in self.results if self.meets(r) and _static(self.config_of.get(r.pipeline, Config()))]
             base = replace(self.config_of[static[0].pipeline], table=False) if static else replace(base,
                                                                                               weight_only=False)
-        layers = [n for n in order]
+        layers = list(order)
         space: dict[str, list] = {f"float:{n}": [False, True] for n in layers}
         default = pass_default("quantize", "calibration")
-        space["calibration"] = [None] + [c for c in pass_choices("quantize", "calibration") if c not in (default, "random")]
+        space["calibration"] = [None] + [c for c in pass_choices("quantize", "calibration")
+                                         if c not in (default, "random")]
         if any("prune" in note for _, note in uniform_configs(self.model, self.objective)):
             space["prune"] = [0.0, *PRUNE_LEVELS]  # small models only, as in the uniform phase
         # a priori about one layer in float per draw: the fallback already found the sensitive ones
@@ -1035,7 +1037,8 @@ def uniform_configs(model: onnx.ModelProto, objective: str = "latency") -> list[
             for c in pass_choices("quantize", "calibration") if c not in (default, "random")]
     bias = pass_default("quantize", "bias_correction")
     if bias is not None:  # whichever way the pass defaults, try the other
-        out.append((replace(plain, extra=(("bias_correction", not bias),)), f"bias correction {'off' if bias else 'on'}"))
+        out.append((replace(plain, extra=(("bias_correction", not bias),)),
+                    f"bias correction {'off' if bias else 'on'}"))
     if matmul and has_option("quantize", "smoothquant"):
         # the pass's default (None) turns SmoothQuant on where MatMul/Gemm outnumber Conv
         sq = pass_default("quantize", "smoothquant")
