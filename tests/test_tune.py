@@ -536,3 +536,17 @@ def test_tpe_strategy_search_is_seeded_and_finds_the_optimum():
     with pytest.raises(opc.OpcError, match="--strategy"):
         _Search(SerialRunner(), _chain_model(["a"]), max_drop=0.01, trials=1, objective="latency", seed=0,
                 strategy="anneal")
+
+
+def test_tpe_on_digits_reproduces_its_winner(digits_assets, monkeypatch):
+    from opc import tune as tune_module
+
+    monkeypatch.setattr(tune_module, "PRUNE_UNIFORM_MAX_PARAMS", 0)  # quantize choices only: fast trials
+    res = tune(digits_assets["model"], digits_assets["calib"], digits_assets["eval"], max_drop=0.01, trials=9,
+               objective="size", repeats=3, strategy="tpe")
+    tpe = [r for r in res.results if r.phase == "tpe"]
+    assert len(tpe) == 2 and all(r.ok for r in tpe)
+    assert all("prune" not in r.pipeline for r in res.results)
+    assert res.met and res.reproduced is True
+    again, _ = opc.compile(str(digits_assets["model"]), passes=res.pipeline, calibration=str(digits_assets["calib"]))
+    assert again.SerializeToString(deterministic=True) == res.model.SerializeToString(deterministic=True)
