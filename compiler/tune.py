@@ -35,7 +35,9 @@ finishes first):
    pruning missed the budget). Unstructured and N:M sparsity are not searched: they keep
    ONNX Runtime's dense kernels and the file's bytes. A move is taken when it meets the
    budget and beats the incumbent's objective (latency by more than the timing noise
-   margin); moves are tried in a seeded order within each kind.
+   margin); moves are tried in a seeded order within each kind. With ``--strategy tpe``
+   the remaining trials are proposed by a seeded TPE sampler instead (``tpe_phase``; on
+   the benchmark models greedy matched or beat it, so greedy is the default).
 6. ``final`` (latency only): the best few candidates, every uniform configuration that
    meets the budget and the float model are re-timed together in this process
    (interleaved rounds, two sessions each, CPU time, medians), so that the winner is not
