@@ -488,3 +488,65 @@ def test_the_cupy_calls_exist_in_the_installed_cupy():
 
     cupy.ElementwiseKernel("float32 x0, bool x1", "float32 y", "const float t0 = opc_where(x1, x0, float(0));\ny = t0;",
                            "opc_fused", preamble=CUDA_PREAMBLE)
+
+
+def test_gpu_benchmark_script_runs_end_to_end_with_fakes(monkeypatch):
+    """benchmarks/runtime.py's GPU table with CuPy and torch.cuda stood in for by NumPy and the
+    CPU: the script's own code (sessions, feeds, timing, memory columns, output comparison
+    against PyTorch, the report) runs through; its numbers mean nothing here."""
+    import sys
+    import types
+
+    torch = pytest.importorskip("torch")
+    from benchmarks import runtime as bench
+
+    class Pool:
+        def __init__(self):
+            self.used = 0
+
+        def used_bytes(self):
+            return self.used
+
+        def total_bytes(self):
+            return self.used
+
+        def malloc(self, n):
+            self.used += n
+            return n
+
+        def free_all_blocks(self):
+            pass
+
+    pool = Pool()
+    fake = types.ModuleType("cupy")
+    fake.asarray = fake.asnumpy = np.asarray
+    fake.__version__ = "fake"
+    fake.get_default_memory_pool = lambda: pool
+    fake.cuda = types.SimpleNamespace(
+        set_allocator=lambda f: None, Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None, id=0),
+        runtime=types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"fake"}))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+
+    class FakeGpuSession(rt.Session):
+        def __init__(self, model, backend="auto", cuda_graphs=None, **kw):
+            assert backend == "cupy"
+            super().__init__(model, backend="numpy", fuse=True, **kw)
+            if cuda_graphs is not False:
+                adapter = FakeAdapter()
+                adapter.new_pool = Pool
+                self._graphs = GraphCache(adapter)
+
+    monkeypatch.setattr(rt, "Session", FakeGpuSession)
+    for name, value in (("is_available", lambda: True), ("synchronize", lambda: None),
+                        ("reset_peak_memory_stats", lambda: None), ("memory_allocated", lambda: 0),
+                        ("max_memory_allocated", lambda: 2**20), ("empty_cache", lambda: None)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self: self)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self: self)
+    rows = bench.gpu_rows(["bert-tiny"], 2, 2)
+    (row,) = rows
+    assert row["cuda_graph"] == "replayed" and row["fused_steps"] > 0
+    assert row["max_rel_vs_torch"] < 1e-4  # the ONNX export's outputs against the module's
+    assert row["opc_arena_mib"] > 0 and row["torch_activation_mib"] == 1.0
+    assert set(row) >= {"opc_cupy_ms", "opc_no_graph_ms", "torch_eager_ms", "opc/torch", "opc_activation_mib",
+                        "opc/torch_memory"}
