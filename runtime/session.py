@@ -6,6 +6,12 @@ per signature). The session then lays all intermediates out in one arena (the mo
 memory plan when it has one that fits, else planned here), and later runs with that
 signature hand each kernel a view into the arena to write into. Graph outputs are never
 arena views: they are returned as separate arrays.
+
+Values a kernel reads on the host (shapes, axes, pads: small constants and the shape arithmetic
+of a signature) are copied there once, at load or when the signature is first seen
+(``xp.register_host``), so a steady-state run on CuPy never waits for the device. On CuPy the
+steady-state run of a signature is also captured as a CUDA graph and replayed
+(``gpu_graph``), and chains of elementwise ops run as one generated kernel (``fuse``).
 """
 
 from __future__ import annotations
