@@ -242,8 +242,10 @@ def main(argv=None) -> None:
     common.report("runtime", rows, title="opc runtime (NumPy) vs ONNX Runtime CPU vs ReferenceEvaluator",
                   settings={"threads": args.threads, "repeats": args.repeats, "batches": args.batches},
                   notes=["opc/ort target <= 3 (opc and ORT timed interleaved); ref/opc target >= 20 "
-                         f"(ReferenceEvaluator: median of {REF_REPEATS} after a warm-up, batch 1 unless "
-                         "--reference-all)",
+                         f"(ReferenceEvaluator: same BLAS threads, median of {REF_REPEATS} after a warm-up in "
+                         "rounds alternating with opc, batch 1 unless --reference-all)",
+                         "latency: CPU time of the calling thread with 1 thread (all three run every kernel "
+                         "on it), wall time with more",
                          "run_peak_mib: tracemalloc peak during one run, with the arena and weights already "
                          "held (held_before_run_mib); arena + weights is the planned figure"],
                   threads=args.threads, write_json=not args.no_json)

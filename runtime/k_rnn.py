@@ -311,6 +311,7 @@ def _lstm_steps(xp, bufs, rt, xw, h, steps):
 
 # ---------------------------------------------------------------- stacked layers
 _DEFAULT_ACTS = ([], ["sigmoid", "tanh", "tanh"])
+WAVEFRONT_MAX_BATCH = 8  # larger batches run the fused layers one after the other (faster from 16 on)
 
 
 def _plain_lstm(st, consts) -> bool:
@@ -489,11 +490,31 @@ def _stacked_lstm(node, xp, L):
             cache["frame"] = (key, ws, fr)
         return fr
 
+    layer_caches = [{} for _ in range(L)]
+
+    def layer_by_layer(ins, outs, seq, batch):
+        # large batches: the per-step GEMM and gate work dominate the per-call cost, and the
+        # combined step's zero block (layer l's input columns of later layers' rows) costs more
+        # than the calls saved
+        h = ins[0]
+        for li in range(L):
+            w, r, b = ins[7 * li + 1], ins[7 * li + 2], ins[7 * li + 3]
+            H = int(r.shape[2])
+            res = _lstm_fast(node, xp, h, _lstm_weights(xp, layer_caches[li], w, r, b, H), ins[7 * li + 5],
+                             ins[7 * li + 6], seq, batch, 1, H, 0)
+            h = res[0][:, 0]
+        y = _out(xp, outs, 0, res[0].shape, res[0].dtype)
+        if y is not res[0]:
+            y[...] = res[0]
+        return [y] + list(res[1:])
+
     def run(ins, outs, ws):
         ins = list(ins) + [None] * (7 * L - len(ins))
         x = ins[0]
         dt = x.dtype
         seq, batch = int(x.shape[0]), int(x.shape[1])
+        if batch > WAVEFRONT_MAX_BATCH:
+            return layer_by_layer(ins, outs, seq, batch)
         Hs, offs, wc, rc, bc = weights(ins, dt)
         HS = sum(Hs)
         last = slice(offs[-1], HS)

@@ -424,6 +424,17 @@ def test_stacked_lstm_runs_as_one_wavefront_step(hidden, batch, states, bias):
     assert sess.program.fused >= 2 * (len(hidden) - 1)
 
 
+def test_stacked_lstm_large_batch_runs_layer_by_layer(monkeypatch):
+    """Above WAVEFRONT_MAX_BATCH the fused step runs its layers one after the other: same
+    outputs (final states included)."""
+    from opc.runtime import k_rnn
+
+    monkeypatch.setattr(k_rnn, "WAVEFRONT_MAX_BATCH", 2)
+    model, feeds = _stacked_lstm_model((6, 5, 4), 3, (0, 2), True)
+    sess = _check(model, feeds, runs=3)
+    assert [st.node.op_type for st in sess.program.steps].count("LSTM") == 1
+
+
 @pytest.mark.parametrize("extra", ["yh0", "y0", "s0"])
 def test_stacked_lstm_not_fused_when_an_inner_output_is_used(extra):
     model, feeds = _stacked_lstm_model((6, 4), 2, (0,), True, extra_output=extra)
