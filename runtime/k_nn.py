@@ -4,7 +4,9 @@ Conv keeps NCHW between ops. Its fast path (2-D, stride 1) gathers patches on th
 width: for kernel offset (i, j) the patch row of channel c is the contiguous run
 ``xpad[c].flat[i*Wp + j : i*Wp + j + Ho*Wp]``, so the gather is kh*kw contiguous block copies
 and one GEMM gives (M, Ho, Wp); the Wp - Wo junk columns are dropped while adding the bias.
-Strided convs gather exact patches, 1x1 convs are a GEMM on the input itself, depthwise
+Large 3x3 stride-1 convs run as Winograd F(2x2, 3x3) (16 GEMMs with 2.25x fewer multiply-adds;
+only where the transformed weights, held across runs, stay small); narrow images and strided
+convs gather exact patches (im2col), 1x1 convs are a GEMM on the input itself, depthwise
 convs are kh*kw multiply-adds. Scratch lives in the planner's workspace when one is given.
 """
 

@@ -1,7 +1,10 @@
 """Recurrent layers: LSTM, GRU, RNN (ONNX layouts, both directions, sequence_lens, clip).
 
 The input projection of all time steps is one GEMM; each step then does one (batch, H) x
-(H, gates) GEMM and the gate maths.
+(H, gates) GEMM and the gate maths. Stacked forward LSTMs joined by Squeeze (PyTorch's export
+of a multi-layer nn.LSTM) are fused at load (``fuse_stacked_lstm``, called by
+``compile_graph``) into one step that runs the layers as a wavefront: seq + L - 1 steps of the
+combined state instead of L * seq.
 """
 
 from __future__ import annotations
