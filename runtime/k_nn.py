@@ -871,7 +871,7 @@ def _layernorm(node, xp):
         xp.multiply(y, s, out=y)
         if b is not None:
             xp.add(y, b, out=y)
-        res = [y.astype(x.dtype, copy=False)]
+        res = [o if o is not None else y.astype(x.dtype, copy=False)]  # the view itself: no copy-back
         stat = x.shape[:axis] + (1,) * (x.ndim - axis)
         if len(node.outputs) > 1:
             res.append(m.reshape(stat))

@@ -554,7 +554,11 @@ def _stacked_lstm(node, xp, L):
                     if k == seq - 1 + li:
                         finals[li] = c[:, offs[li]:offs[li] + Hs[li]].copy()
         y[:, 0] = hbuf[L - 1:, :, last]
-        return [y, hbuf[n - 1][None, :, last].copy(), finals[-1][None]]
+        yh = _out(xp, outs, 1, (1, batch, Hs[-1]), dt)
+        yh[0] = hbuf[n - 1][:, last]
+        yc = _out(xp, outs, 2, (1, batch, Hs[-1]), dt)
+        yc[0] = finals[-1]
+        return [y, yh, yc]
     return run
 
 
