@@ -240,20 +240,21 @@ def _lstm_weights(xp, cache, w, r, b, H):
     return res
 
 
-def _lstm_fast(node, xp, x, weights, h0, c0, seq, batch, dirs, H, layout):
+def _lstm_fast(node, xp, x, weights, h0, c0, seq, batch, dirs, H, layout, ys=None, xw_buf=None, bufs=None):
     """Default activations, no clip/peepholes/lengths: the input projection of all steps is one
     GEMM; each step is one (batch, H) x (H, 4H) GEMM and eight element-wise calls on
-    preallocated buffers (``_lstm_steps``; the step loop is Python-bound at small batch)."""
+    preallocated buffers (``_lstm_steps``; the step loop is Python-bound at small batch).
+    ``ys`` (seq, dirs, batch, H), ``xw_buf`` (seq * batch, 4H) and ``bufs``: given buffers."""
     direction = node.a("direction", "forward")
     dt = x.dtype
-    ys = xp.empty((seq, dirs, batch, H), dtype=dt)
-    bufs = _step_buffers(xp, batch, H, dt)
+    ys = xp.empty((seq, dirs, batch, H), dtype=dt) if ys is None else ys
+    bufs = _step_buffers(xp, batch, H, dt) if bufs is None else bufs
     c = bufs[-1]
     x2 = x.reshape(seq * batch, x.shape[2])
     hs, cs = [], []
     for d in range(dirs):
         wt, rt, bs = weights[d]
-        xw = xp.matmul(x2, wt).reshape(seq, batch, 4 * H)
+        xw = xp.matmul(x2, wt, out=xw_buf).reshape(seq, batch, 4 * H)
         xw += bs
         h = h0[d].astype(dt) if h0 is not None else xp.zeros((batch, H), dtype=dt)
         if c0 is not None:
@@ -494,21 +495,31 @@ def _stacked_lstm(node, xp, L):
         return fr
 
     layer_caches = [{} for _ in range(L)]
+    ws_now = [None]
 
     def layer_by_layer(ins, outs, seq, batch):
         # large batches: the per-step GEMM and gate work dominate the per-call cost, and the
         # combined step's zero block (layer l's input columns of later layers' rows) costs more
         # than the calls saved
         h = ins[0]
+        dt = h.dtype
+        Hs = [int(ins[7 * li + 2].shape[2]) for li in range(L)]
+        y = _out(xp, outs, 0, (seq, 1, batch, Hs[-1]), dt)
+        views = _carve_all(xp, ws_now[0], _layer_shapes(seq, batch, Hs), dt)
         for li in range(L):
             w, r, b = ins[7 * li + 1], ins[7 * li + 2], ins[7 * li + 3]
-            H = int(r.shape[2])
+            H = Hs[li]
+            # inner layers' sequences alternate between two buffers; the last one's is the output
+            ys = y if li == L - 1 else views[li % 2].reshape(-1)[:seq * batch * H].reshape(seq, 1, batch, H)
+            xw = views[2].reshape(-1)[:seq * batch * 4 * H].reshape(seq * batch, 4 * H)
+            st = views[3].reshape(-1)
+            zz = st[:batch * 5 * H].reshape(batch, 5 * H)
+            prod = st[batch * 5 * H:batch * 7 * H].reshape(batch, 2 * H)
+            tmp = st[batch * 7 * H:batch * 8 * H].reshape(batch, H)
+            bufs = (zz, prod, tmp, xp.asarray(0.5, dtype=dt), zz[:, 4 * H:])
             res = _lstm_fast(node, xp, h, _lstm_weights(xp, layer_caches[li], w, r, b, H), ins[7 * li + 5],
-                             ins[7 * li + 6], seq, batch, 1, H, 0)
-            h = res[0][:, 0]
-        y = _out(xp, outs, 0, res[0].shape, res[0].dtype)
-        if y is not res[0]:
-            y[...] = res[0]
+                             ins[7 * li + 6], seq, batch, 1, H, 0, ys=ys, xw_buf=xw, bufs=bufs)
+            h = ys[:, 0]
         return [y] + list(res[1:])
 
     def run(ins, outs, ws):
@@ -517,6 +528,7 @@ def _stacked_lstm(node, xp, L):
         dt = x.dtype
         seq, batch = int(x.shape[0]), int(x.shape[1])
         if batch > WAVEFRONT_MAX_BATCH:
+            ws_now[0] = ws
             return layer_by_layer(ins, outs, seq, batch)
         Hs, offs, wc, rc, bc = weights(ins, dt)
         HS = sum(Hs)
@@ -580,7 +592,24 @@ def stacked_lstm_workspace(node, shapes, dtypes) -> int:
     except (TypeError, IndexError):
         return 0
     item = np.dtype(dtypes[0]).itemsize if dtypes and dtypes[0] is not None else 4
-    return sum(_align(int(np.prod(s)) * item) for s in _stacked_shapes(int(shapes[0][0]), int(shapes[0][1]), Hs, L))
+    seq, batch = int(shapes[0][0]), int(shapes[0][1])
+    parts = _stacked_shapes(seq, batch, Hs, L) if batch <= WAVEFRONT_MAX_BATCH else _layer_shapes(seq, batch, Hs)
+    return sum(_align(int(np.prod(s)) * item) for s in parts)
+
+
+def _layer_shapes(seq, batch, Hs):
+    """Buffers of the layer-by-layer run: two inner sequences (alternating), the input
+    projection and the step buffers, each sized for the widest layer."""
+    H = max(Hs)
+    return [(seq * batch * H,), (seq * batch * H,), (seq * batch * 4 * H,), (batch * 8 * H,)]
+
+
+def _carve_all(xp, ws, shapes, dt):
+    off, views = 0, []
+    for shape in shapes:
+        v, off = _carve(xp, ws, off, shape, dt)
+        views.append(v)
+    return views
 
 
 def _align(n):
