@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from opc.runtime import k_control, k_elementwise, k_nn, k_quant, k_resize, k_rnn, k_tensor  # noqa: F401  (register kernels)
 from opc.runtime import k_attention, k_misc, k_ml, k_signal, k_vision  # noqa: F401,E402  (register kernels)
+from opc.runtime import k_sequence, k_string  # noqa: F401,E402  (register kernels: non-tensor values)
 from opc.runtime.registry import KERNELS, supported_ops
 from opc.runtime.session import NodeArg, Session, weights_bytes
 from opc.runtime.xp import array_module, cupy_usable

@@ -20,6 +20,7 @@ from opc.runtime import registry
 from opc.runtime.k_rnn import fuse_stacked_lstm
 from opc.runtime.fuse import fuse_elementwise
 from opc.runtime.registry import KERNELS, Node, attr_value
+from opc.runtime.values import feed_value, is_host_object
 from opc.runtime.xp import register_host, unregister_host
 
 _CONTROL_GRAPH_ATTRS = ("then_branch", "else_branch", "body")
@@ -78,7 +79,7 @@ class Program:
 
 
 def _store(vals, step, res):
-    if not isinstance(res, (list, tuple)):
+    if type(res) is not list and type(res) is not tuple:  # one output (a Sequence is one)
         res = (res,)
     for s, r in zip(step.outs, res):
         if s >= 0:
@@ -127,7 +128,7 @@ def compile_graph(graph: onnx.GraphProto, xp, opsets: dict[str, int], outer: set
             arr = numpy_helper.to_array(t)
         except Exception as exc:
             raise ModelError(f"initializer '{t.name}': cannot be read ({exc})") from None
-        p.consts[s] = xp.asarray(arr)
+        p.consts[s] = feed_value(xp, arr)  # string initializers stay host object arrays
         init_names.add(t.name)
     for t in graph.sparse_initializer:
         raise ModelError(f"sparse initializer '{t.values.name}' is not supported")
@@ -303,11 +304,14 @@ def _fold_constants(p: Program, overridable: set[int]) -> None:
             kept.append(st)
             continue
         res = st.fn([p.consts[s] for s in st.ins], None, None)
-        if not isinstance(res, (list, tuple)):
+        if type(res) is not list and type(res) is not tuple:
             res = (res,)
+        if any(s >= 0 and (r is None or isinstance(r, list)) for s, r in zip(st.outs, res)):
+            kept.append(st)  # a sequence or an optional: made at run time, never a constant
+            continue
         for s, r in zip(st.outs, res):
             if s >= 0:
-                p.consts[s] = r if isinstance(r, p.xp.ndarray) else p.xp.asarray(r)  # a full reduction's scalar
+                p.consts[s] = r if isinstance(r, p.xp.ndarray) or is_host_object(r) else p.xp.asarray(r)  # a scalar
                 const.add(s)
     p.folded = len(p.steps) - len(kept)
     p.steps = kept

@@ -27,6 +27,7 @@ from opc.errors import DataError, OpcError
 from opc.runtime.arena import Block, check_offsets, plan_offsets
 from opc.runtime.program import compile_graph, opset_map
 from opc.runtime.gpu_graph import CupyAdapter, GraphCache, GraphState, capture_blocker
+from opc.runtime.values import copy_value, feed_value, host_value, is_host_object, is_tensor, signature
 from opc.runtime.xp import array_module, data_ptr, is_numpy, register_host, to_host, unregister_host
 
 
@@ -149,7 +150,7 @@ class Session:
             if n not in self._out_index:
                 raise DataError(f"the model has no output '{n}' (outputs: {', '.join(self.program.output_names)})")
         values = self._feed_values(feeds)
-        sig = tuple((v.shape, v.dtype.str) for v in values)
+        sig = tuple(signature(v) for v in values)
         layout = self._layouts.get(sig, False)
         if self._overrides:
             outs = self._run_overridden(values)
@@ -159,7 +160,7 @@ class Session:
         else:
             outs = self._execute(values, layout, sig)
         res = [outs[self._out_index[n]] for n in names]
-        return [to_host(r) for r in res] if to_numpy else res
+        return [host_value(r, to_host) for r in res] if to_numpy else res
 
     # -- internals ----------------------------------------------------------------
     def _feed_values(self, feeds: dict) -> list:
@@ -173,8 +174,13 @@ class Session:
             if name not in feeds:
                 raise DataError(f"input '{name}' is missing from the feeds")
             v = feeds[name]
+            if v is None or isinstance(v, (list, tuple)):  # an empty optional, a sequence
+                values.append(feed_value(self.xp, v))
+                continue
             if not hasattr(v, "dtype") or not hasattr(v, "shape"):
                 v = np.asarray(v)
+            if v.dtype.kind in "US":
+                v = v.astype(object)  # strings are object arrays, as onnx has them
             want = self._input_dtypes.get(name)
             if want is not None and v.dtype != want:
                 raise DataError(f"input '{name}': expected {want}, got {v.dtype}")
@@ -184,7 +190,7 @@ class Session:
             for d, s in zip(arg.shape, v.shape):
                 if isinstance(d, int) and d > 0 and d != s:
                     raise DataError(f"input '{name}': expected shape {arg.shape}, got {tuple(v.shape)}")
-            values.append(self.xp.asarray(v))
+            values.append(feed_value(self.xp, v))
         self._overrides = {k: self.xp.asarray(feeds[k]) for k in self._overridable if k in feeds}
         return values
 
@@ -202,7 +208,7 @@ class Session:
                 outs = p.run(values)
         finally:
             p.consts = saved
-        return [o.copy() for o in outs]
+        return [copy_value(o) for o in outs]
 
     def _execute(self, values, layout, sig):
         if layout:
@@ -232,15 +238,15 @@ class Session:
                 raise
             except Exception as exc:
                 raise _kernel_error(step, exc) from exc
-            if not isinstance(res, (list, tuple)):
+            if type(res) is not list and type(res) is not tuple:  # one output (a Sequence is one)
                 res = (res,)
             for k, (s, r) in enumerate(zip(step.outs, res)):
                 if s < 0:
                     continue
-                if not isinstance(r, xp.ndarray):
+                if not isinstance(r, xp.ndarray) and not is_host_object(r):
                     r = xp.asarray(r)
                 vals[s] = r
-                if trace:
+                if trace and is_tensor(r, xp):  # sequences, optionals, strings: never in the arena
                     alias = step.spec.alias and k == 0 and ins and ins[0] is not None and \
                         r.size and data_ptr(r) == data_ptr(ins[0])
                     record[s] = (tuple(r.shape), r.dtype, alias, step.ins[0] if alias else -1)
@@ -249,7 +255,8 @@ class Session:
             if trace and ((step.spec.dynamic and not _shape_only(step, known)) or any(j in varying for j in step.ins)):
                 varying.update(s for s in step.outs if s >= 0)
             elif trace and _shape_only(step, known) and all(
-                    r is None or getattr(r, "size", 0) <= STATIC_MAX_ELEMENTS for r in res):
+                    r is None or getattr(r, "size", 0) <= STATIC_MAX_ELEMENTS for r in res) and not any(
+                    s >= 0 and vals[s] is not None and not is_tensor(vals[s], xp) for s in step.outs):
                 for s, r in zip(step.outs, res):
                     if s >= 0:
                         known.add(s)
@@ -270,7 +277,7 @@ class Session:
         final = []
         for s, o in zip(p.outputs, outs):
             if s in p.consts or s in self._input_slots or (trace and s in static):
-                o = o.copy()  # the caller must not be able to edit weights, feeds or cached values
+                o = copy_value(o)  # the caller must not be able to edit weights, feeds or cached values
             final.append(o)
         return final
 
@@ -288,10 +295,10 @@ class Session:
         final = []
         for s in p.outputs:
             o = vals[s]
-            if o is not None and o.size and _inside(o, layout.arena):
+            if o is not None and not isinstance(o, list) and o.size and _inside(o, layout.arena):
                 o = o.copy()
             elif s in p.consts or s in self._input_slots or s in layout.static:
-                o = o.copy()  # the caller must not be able to edit weights, feeds or cached values
+                o = copy_value(o)  # the caller must not be able to edit weights, feeds or cached values
             final.append(o)
         return final
 
@@ -316,6 +323,9 @@ class Session:
                         vals[s] = r
                         continue
                     if not isinstance(r, nd):  # a NumPy scalar from a full reduction
+                        if r is None or isinstance(r, list) or (isinstance(r, np.ndarray) and r.dtype.kind == "O"):
+                            vals[s] = r  # an empty optional, a sequence, host strings (values.py)
+                            continue
                         r = xp.asarray(r)
                     if v is not None and r.shape == v.shape and r.dtype == v.dtype:
                         xp.copyto(v, r)  # a kernel that cannot write in place: keep the slot in the arena
@@ -366,7 +376,8 @@ class Session:
         shapes = {s: rec[0] for s, rec in record.items()}
         dtypes = {s: rec[1] for s, rec in record.items()}
         for s, v in zip(p.inputs, values):
-            shapes[s], dtypes[s] = tuple(v.shape), v.dtype
+            if is_tensor(v, self.xp):
+                shapes[s], dtypes[s] = tuple(v.shape), v.dtype
         for s, v in p.consts.items():
             shapes[s], dtypes[s] = tuple(v.shape), v.dtype
         ws_blocks = []
@@ -380,7 +391,8 @@ class Session:
         source = "runtime"
         size = None
         if self.use_model_plan:
-            size = self._model_plan(blocks, {n: tuple(v.shape) for n, v in zip(p.input_names, values)})
+            size = self._model_plan(blocks, {n: tuple(v.shape) for n, v in zip(p.input_names, values)
+                                             if is_tensor(v, self.xp)})
         if size is None:
             size = plan_offsets(blocks)
         else:
