@@ -27,7 +27,7 @@ from opc.errors import DataError, OpcError
 from opc.runtime.arena import Block, check_offsets, plan_offsets
 from opc.runtime.program import compile_graph, opset_map
 from opc.runtime.gpu_graph import CupyAdapter, GraphCache, GraphState, capture_blocker
-from opc.runtime.values import copy_value, feed_value, host_value, is_host_object, is_tensor, signature
+from opc.runtime.values import copy_value, feed_value, host_value, is_host_object, is_tensor, signature, type_name
 from opc.runtime.xp import array_module, data_ptr, is_numpy, register_host, to_host, unregister_host
 
 
@@ -71,10 +71,14 @@ class Layout:
 def _value_args(values) -> list[NodeArg]:
     res = []
     for v in values:
+        if not v.type.HasField("tensor_type"):  # seq(...), optional(...): ORT's type names
+            res.append(NodeArg(v.name, [], type_name(v.type)))
+            continue
         t = v.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
         try:
-            ty = _TYPE_NAMES.get(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)), "tensor(unknown)")
+            ty = type_name(v.type) if t.elem_type == onnx.TensorProto.STRING else \
+                _TYPE_NAMES.get(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)), "tensor(unknown)")
         except Exception:
             ty = "tensor(unknown)"
         res.append(NodeArg(v.name, dims, ty))
@@ -174,7 +178,16 @@ class Session:
             if name not in feeds:
                 raise DataError(f"input '{name}' is missing from the feeds")
             v = feeds[name]
-            if v is None or isinstance(v, (list, tuple)):  # an empty optional, a sequence
+            arg = next(a for a in self._inputs if a.name == name)
+            inner = arg.type[len("optional("):-1] if arg.type.startswith("optional(") else arg.type
+            if v is None:
+                if inner == arg.type:
+                    raise DataError(f"input '{name}': None is a value of optional inputs only ({arg.type})")
+                values.append(None)  # an empty optional
+                continue
+            if inner.startswith("seq("):
+                if not isinstance(v, (list, tuple)):
+                    raise DataError(f"input '{name}': expected a sequence (a list of arrays), got {type(v).__name__}")
                 values.append(feed_value(self.xp, v))
                 continue
             if not hasattr(v, "dtype") or not hasattr(v, "shape"):
@@ -184,7 +197,6 @@ class Session:
             want = self._input_dtypes.get(name)
             if want is not None and v.dtype != want:
                 raise DataError(f"input '{name}': expected {want}, got {v.dtype}")
-            arg = next(a for a in self._inputs if a.name == name)
             if arg.shape and len(arg.shape) != v.ndim:
                 raise DataError(f"input '{name}': expected rank {len(arg.shape)}, got shape {tuple(v.shape)}")
             for d, s in zip(arg.shape, v.shape):
@@ -468,7 +480,7 @@ class Session:
     def arena_bytes(self, feeds: dict | None = None) -> int | None:
         """Arena size for the signature of ``feeds`` (or the last planned one)."""
         if feeds is not None:
-            sig = tuple((tuple(np.shape(feeds[n])), np.asarray(feeds[n]).dtype.str) for n in self.program.input_names)
+            sig = tuple(signature(feed_value(np, feeds[n])) for n in self.program.input_names)
             lay = self._layouts.get(sig)
         else:
             lay = next(reversed(self._layouts.values()), None) if self._layouts else None
@@ -477,7 +489,7 @@ class Session:
     def layout(self, feeds: dict | None = None) -> Layout | None:
         if feeds is None:
             return next(reversed(self._layouts.values()), None) if self._layouts else None
-        sig = tuple((tuple(np.shape(feeds[n])), np.asarray(feeds[n]).dtype.str) for n in self.program.input_names)
+        sig = tuple(signature(feed_value(np, feeds[n])) for n in self.program.input_names)
         return self._layouts.get(sig)
 
 

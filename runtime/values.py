@@ -58,6 +58,22 @@ def _fresh(v, orig):
     return v.copy() if v is orig or (isinstance(orig, np.ndarray) and np.shares_memory(v, orig)) else v
 
 
+def type_name(tp) -> str:
+    """ONNX Runtime's name for a value type: ``tensor(float)``, ``seq(tensor(string))``,
+    ``optional(seq(tensor(int64)))``."""
+    import onnx
+
+    kind = tp.WhichOneof("value")
+    if kind == "tensor_type":
+        name = onnx.TensorProto.DataType.Name(tp.tensor_type.elem_type).lower()
+        return "tensor(" + {"float": "float", "undefined": "unknown"}.get(name, name) + ")"
+    if kind == "sequence_type":
+        return f"seq({type_name(tp.sequence_type.elem_type)})"
+    if kind == "optional_type":
+        return f"optional({type_name(tp.optional_type.elem_type)})"
+    return "unknown"
+
+
 def signature(v):
     """What a value contributes to a run's input signature."""
     if v is None:

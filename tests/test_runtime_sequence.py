@@ -266,3 +266,63 @@ def test_sequence_ops_with_cupy_names_only():
     for seed in range(3):
         _same(ref.run(None, _seq_feeds(seed)), sess.run(None, _seq_feeds(seed)))
     assert not xp.missing
+
+
+def test_inputs_and_outputs_are_typed_like_ort():
+    model = _model("""
+    <ir_version: 9, opset_import: ["" : 18]>
+    g (seq(float[?]) s, string[2] w, optional(int64[2]) o, float[2] x) => (seq(float[?]) out, bool has)
+    {
+        out = Identity(s)
+        has = OptionalHasElement(o)
+    }
+    """)
+    sess = rt.Session(model, backend="numpy")
+    ort = make_session(model, threads=1)
+    assert [(a.name, a.type) for a in sess.get_inputs()] == [(a.name, a.type) for a in ort.get_inputs()]
+    assert [(a.name, a.type) for a in sess.get_outputs()] == [(a.name, a.type) for a in ort.get_outputs()]
+    feeds = {"s": [np.ones(2, np.float32)], "w": np.array(["a", "b"], dtype=object), "o": None,
+             "x": [1.0, 2.0]}  # a Python list for a tensor input is still a tensor
+    out, has = sess.run(None, dict(feeds, x=np.array([1, 2], np.float32)))
+    assert isinstance(out, list) and not bool(has)
+    with pytest.raises(OpcError, match="input 's': expected a sequence"):
+        sess.run(None, dict(feeds, s=np.ones(2, np.float32)))
+    with pytest.raises(OpcError, match="input 'x': None is a value of optional inputs only"):
+        sess.run(None, dict(feeds, x=None))
+    with pytest.raises(OpcError, match="input 'x': expected float32, got float64"):
+        sess.run(None, feeds)  # the list became a float64 array, as np.asarray makes it
+
+
+def test_torchscript_export_with_a_list_loop_matches_ort_and_torch():
+    """torch.split + a Python loop over the pieces, scripted: the export is SplitToSequence,
+    a Loop that grows a SequenceEmpty with SequenceAt/SequenceInsert, and ConcatFromSequence."""
+    torch = pytest.importorskip("torch")
+    import io
+    import warnings
+
+    torch.set_num_threads(1)
+
+    class Pieces(torch.nn.Module):
+        def forward(self, x):
+            out = []
+            for i, p in enumerate(torch.split(x, 2, dim=1)):
+                out.append(torch.relu(p) * float(i + 1))
+            return torch.cat(out, dim=0)
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.jit.script(Pieces()), (torch.randn(3, 6),), buf, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {1: "n"}})
+    model = onnx.load_from_string(buf.getvalue())
+    from opc.summary import iter_nodes
+
+    ops = {n.op_type for n in iter_nodes(model.graph)}
+    assert {"SplitToSequence", "SequenceAt", "SequenceInsert", "ConcatFromSequence", "Loop"} <= ops
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((3, n)).astype(np.float32)} for n in (6, 6, 4, 8)]
+    _check_vs_ort(model, feeds)
+    sess = rt.Session(model, backend="numpy")
+    for f in feeds:
+        want = Pieces()(torch.from_numpy(f["x"])).numpy()
+        np.testing.assert_allclose(sess.run(None, f)[0], want, rtol=1e-6, atol=1e-6)
