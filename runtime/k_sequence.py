@@ -4,8 +4,9 @@ empty optional is None (``runtime/values.py``); neither ever enters the arena.
 Every kernel here is ``dynamic``: what it returns depends on values, not only on shapes, so
 its outputs are not planned and a signature running one is not captured as a CUDA graph.
 A tensor placed into a sequence is copied: it may be a view into the arena, whose memory a
-later step reuses. Positions and split sizes are read on the host (``host_ints``): on CuPy that waits for the
-device when they are computed in the run. SequenceMap runs its body once per element.
+later step reuses (and a fed sequence never holds the caller's arrays). Positions and split
+sizes are read on the host (``host_ints``): on CuPy that waits for the device when they are
+computed in the run (constants have host copies). SequenceMap runs its body once per element.
 """
 
 from __future__ import annotations

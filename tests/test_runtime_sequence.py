@@ -219,11 +219,13 @@ def test_strings_match_ort():
         joined = StringConcat(words, suffix)
         parts, counts = StringSplit<delimiter = "-">(words)
         match = RegexFullMatch<pattern = "[a-z]+(-[a-z]+)*">(words)
-        ids = ai.onnx.ml.LabelEncoder<keys_strings = ["cat", "dog-house"], values_int64s = [3, 7], default_int64 = -5>(words)
+        ids = ai.onnx.ml.LabelEncoder<keys_strings = ["cat", "dog-house"], values_int64s = [3, 7],
+                                      default_int64 = -5>(words)
     }
     """)
     onnx.checker.check_model(model, full_check=True)
-    feeds = [{"words": np.array(["The", "cat", "dog-house", "a-b-C"], dtype=object), "suffix": np.array(["!"], dtype=object)},
+    feeds = [{"words": np.array(["The", "cat", "dog-house", "a-b-C"], dtype=object),
+              "suffix": np.array(["!"], dtype=object)},
              {"words": np.array(["x", "", "A", "--"], dtype=object), "suffix": np.array(["é"], dtype=object)}]
     _check_vs_ort(model, feeds)
     # str (U) arrays are accepted as strings too
@@ -326,3 +328,37 @@ def test_torchscript_export_with_a_list_loop_matches_ort_and_torch():
     for f in feeds:
         want = Pieces()(torch.from_numpy(f["x"])).numpy()
         np.testing.assert_allclose(sess.run(None, f)[0], want, rtol=1e-6, atol=1e-6)
+
+
+def test_sequences_and_strings_with_cupy_like_arrays():
+    """With arrays that behave like CuPy's (test_runtime_gpu.DeviceNumpy): sequences hold device
+    arrays, strings stay host object arrays, numeric string-op results come back as device arrays."""
+    cupy = pytest.importorskip("cupy", reason="the list of CuPy names comes from dir(cupy)")
+    from test_runtime_gpu import Device, DeviceNumpy
+
+    xp = DeviceNumpy(dir(cupy))
+    model = _model(SEQUENCE_OPS)
+    ref = rt.Session(model, backend="numpy")
+    sess = rt.Session(model, backend=xp)
+    for seed in range(3):
+        feeds = {k: np.asarray(v).view(Device) for k, v in _seq_feeds(seed).items()}
+        got = sess.run(None, feeds, to_numpy=False)
+        assert isinstance(got[4], list) and all(isinstance(t, Device) for t in got[4])
+        _same(ref.run(None, _seq_feeds(seed)), [[np.asarray(t) for t in g] if isinstance(g, list) else np.asarray(g)
+                                                for g in got])
+    strings = onnx.parser.parse_model("""
+    <ir_version: 9, opset_import: ["" : 20]>
+    g (string[3] w) => (string[3] up, bool[3] m, int64[3] n)
+    {
+        up = StringNormalizer<case_change_action = "UPPER">(w)
+        m = RegexFullMatch<pattern = "a.*">(w)
+        parts, n = StringSplit(w)
+    }
+    """)
+    sess = rt.Session(strings, backend=xp)
+    w = np.array(["ab c", "b", "a"], dtype=object)
+    for _ in range(2):
+        up, m, n = sess.run(None, {"w": w}, to_numpy=False)
+        assert type(up) is np.ndarray and list(up) == ["AB C", "B", "A"]
+        assert isinstance(m, Device) and m.tolist() == [True, False, True]
+        assert isinstance(n, Device) and n.tolist() == [2, 1, 1]
