@@ -240,22 +240,29 @@ def _lstm_weights(xp, cache, w, r, b, H):
     return res
 
 
-def _lstm_fast(node, xp, x, weights, h0, c0, seq, batch, dirs, H, layout, ys=None, xw_buf=None, bufs=None):
+def _lstm_fast(node, xp, x, weights, h0, c0, seq, batch, dirs, H, layout, ys=None, xw_buf=None, bufs=None,
+               xg_buf=None):
     """Default activations, no clip/peepholes/lengths: the input projection of all steps is one
     GEMM; each step is one (batch, H) x (H, 4H) GEMM and eight element-wise calls on
     preallocated buffers (``_lstm_steps``; the step loop is Python-bound at small batch).
-    ``ys`` (seq, dirs, batch, H), ``xw_buf`` (seq * batch, 4H) and ``bufs``: given buffers."""
+    ``ys`` (seq, dirs, batch, H), ``xw_buf`` and ``xg_buf`` (seq * batch * 4H values; the
+    second holds the gate-major copy) and ``bufs``: given buffers."""
     direction = node.a("direction", "forward")
     dt = x.dtype
     ys = xp.empty((seq, dirs, batch, H), dtype=dt) if ys is None else ys
     bufs = _step_buffers(xp, batch, H, dt) if bufs is None else bufs
     c = bufs[-1]
+    gm = _gate_major(batch)
     x2 = x.reshape(seq * batch, x.shape[2])
     hs, cs = [], []
     for d in range(dirs):
         wt, rt, bs = weights[d]
         xw = xp.matmul(x2, wt, out=xw_buf).reshape(seq, batch, 4 * H)
         xw += bs
+        if gm:  # (seq, 4, batch, H): one transposing pass, then every gate block is contiguous
+            xg = xp.empty((seq, 4, batch, H), dtype=dt) if xg_buf is None else xg_buf.reshape(seq, 4, batch, H)
+            xg[...] = xw.reshape(seq, batch, 4, H).transpose(0, 2, 1, 3)
+            xw, rt = xg, _gate_major_matrix(xp, rt)  # a small copy per run: not held between runs
         h = h0[d].astype(dt) if h0 is not None else xp.zeros((batch, H), dtype=dt)
         if c0 is not None:
             c[...] = c0[d]
@@ -269,13 +276,31 @@ def _lstm_fast(node, xp, x, weights, h0, c0, seq, batch, dirs, H, layout, ys=Non
     return _outputs(node, xp, ys, [(h, c) for h, c in zip(hs, cs)], layout, 2)
 
 
-def _step_buffers(xp, batch, H, dt):
-    """The gates (o, i, f, g) in a (batch, 5H) buffer followed by the cell state c, the
-    products and a tanh(c) scratch; the last item is the cell state."""
-    zz = xp.empty((batch, 5 * H), dtype=dt)
-    prod = xp.empty((batch, 2 * H), dtype=dt)
-    tmp = xp.empty((batch, H), dtype=dt)
-    return zz, prod, tmp, xp.asarray(0.5, dtype=dt), zz[:, 4 * H:]
+def _gate_major(batch) -> bool:
+    """Batches of more than one row keep the gates gate-major, (gate, batch, H): every gate
+    group is then one contiguous block (row-major (batch, 5H) makes them strided 2-D views,
+    about 25% slower per step); one row keeps (1, 5H), whose GEMV NumPy's dot does fastest."""
+    return batch > 1
+
+
+def _gate_major_matrix(xp, rt):
+    """(K, 4H) -> (4, K, H): the recurrent GEMM as four (batch, K) x (K, H) products writing
+    the gate-major buffer."""
+    K, H4 = rt.shape
+    return xp.ascontiguousarray(rt.reshape(K, 4, H4 // 4).transpose(1, 0, 2))
+
+
+def _step_buffers(xp, batch, H, dt, store=None):
+    """The gates (o, i, f, g) followed by the cell state c (gate-major (5, batch, H) or one row
+    (1, 5H)), the products and a tanh(c) scratch, from ``store`` (8 * batch * H values) when
+    given; the first item says gate-major, the last is the cell state."""
+    if store is None:
+        store = xp.empty((8 * batch * H,), dtype=dt)
+    gm = _gate_major(batch)
+    zz = store[:5 * batch * H].reshape((5, batch, H) if gm else (batch, 5 * H))
+    prod = store[5 * batch * H:7 * batch * H].reshape((2, batch, H) if gm else (batch, 2 * H))
+    tmp = store[7 * batch * H:8 * batch * H].reshape(batch, H)
+    return gm, zz, prod, tmp, xp.asarray(0.5, dtype=dt), zz[4] if gm else zz[:, 4 * H:]
 
 
 def _lstm_steps(xp, bufs, rt, xw, h, steps):
@@ -286,22 +311,20 @@ def _lstm_steps(xp, bufs, rt, xw, h, steps):
     four gates serves the three sigmoids and the cell candidate. As the gates sit as (o, i, f, g)
     followed by c, [i, f] * [g, c] is one multiply and c = i*g + f*c one add. The constant 0.5 is
     a 0-d array: a Python or NumPy scalar operand costs NumPy twice the call time."""
-    zz, prod, tmp, half, c = bufs
+    gm, zz, prod, tmp, half, c = bufs
     H = tmp.shape[1]
-    z, s, o, fi, gc = zz[:, :4 * H], zz[:, :3 * H], zz[:, :H], zz[:, H:3 * H], zz[:, 3 * H:]
-    p_ig, p_fc = prod[:, :H], prod[:, H:]
+    if gm:  # rt is (4, K, H), xw[t] (4, batch, H)
+        z, s, o, fi, gc = zz[:4], zz[:3], zz[0], zz[1:3], zz[3:]
+        p_ig, p_fc = prod[0], prod[1]
+    else:  # rt is (K, 4H), xw[t] (1, 4H)
+        z, s, o, fi, gc = zz[:, :4 * H], zz[:, :3 * H], zz[:, :H], zz[:, H:3 * H], zz[:, 3 * H:]
+        p_ig, p_fc = prod[:, :H], prod[:, H:]
     mul, add, tanh, matmul = xp.multiply, xp.add, xp.tanh, xp.matmul
-    # z is a strided view for batch > 1: only NumPy's matmul takes that as out=; for one row
-    # it counts as contiguous and NumPy's dot (GEMV) costs about half of matmul's call
-    direct = h.shape[0] == 1 or is_numpy(xp)
-    if h.shape[0] == 1 and is_numpy(xp):
-        matmul = xp.dot
+    if not gm and is_numpy(xp):
+        matmul = xp.dot  # one row counts as contiguous: NumPy's dot (GEMV) costs about half of matmul
     for t, out in steps:  # outputs passed positionally: NumPy parses an out= keyword slower
-        if direct:
-            matmul(h, rt, out=z)
-            add(z, xw[t], z)
-        else:
-            add(matmul(h, rt), xw[t], z)
+        matmul(h, rt, out=z)
+        add(z, xw[t], z)
         tanh(z, z)
         mul(s, half, s)
         add(s, half, s)
@@ -315,7 +338,7 @@ def _lstm_steps(xp, bufs, rt, xw, h, steps):
 
 # ---------------------------------------------------------------- stacked layers
 _DEFAULT_ACTS = ([], ["sigmoid", "tanh", "tanh"])
-WAVEFRONT_MAX_BATCH = 8  # larger batches run the fused layers one after the other (faster from 16 on)
+WAVEFRONT_MAX_BATCH = 8  # larger batches run the fused layers one after the other (equal at 16, faster at 32)
 
 
 def _plain_lstm(st, consts) -> bool:
@@ -463,7 +486,7 @@ def _stacked_lstm(node, xp, L):
         wc[:, :3 * Hs[0]] *= dt.type(0.5)
         for a in (rc, bc):
             a[..., :3 * HS] *= dt.type(0.5)
-        res = (Hs, offs, wc, rc, bc)
+        res = [Hs, offs, wc, rc, bc, None]  # the gate-major rc: made when a batch > 1 first runs
         cache["w"] = (key, res)
         return res
 
@@ -480,16 +503,22 @@ def _stacked_lstm(node, xp, L):
         for shape in _stacked_shapes(seq, batch, Hs, L):
             v, off = _carve(xp, ws, off, shape, dt)
             views.append(v)
-        xw, proj, hbuf, zz, prod, tmp, init_h, init_c = views
-        bufs = (zz, prod, tmp, xp.asarray(0.5, dtype=dt), zz[:, 4 * HS:])
-        blocks = xw.reshape(n * batch, 4, HS)[:seq * batch, :, :H0]
+        xw, proj, hbuf, st, init_h, init_c = views
+        bufs = _step_buffers(xp, batch, HS, dt, st)
+        if _gate_major(batch):  # xw[k] is (4, batch, HS); layer 0's projection lands transposed
+            xw = xw.reshape(n, 4, batch, HS)
+            blocks = xw[:seq, :, :, :H0]
+            proj3 = proj.reshape(seq, batch, 4, H0).transpose(0, 2, 1, 3)
+        else:
+            blocks = xw.reshape(n * batch, 4, HS)[:seq * batch, :, :H0]
+            proj3 = proj.reshape(seq * batch, 4, H0)
         schedule, k = [], 0
         while k < n:
             # steps where no layer starts or ends run as one batch of steps
             stop = k + 1 if k < L - 1 or k >= seq - 1 else seq - 1
             schedule.append((k, stop, [(j, hbuf[j]) for j in range(k, stop)]))
             k = stop
-        fr = (xw, proj, proj.reshape(seq * batch, 4, H0), blocks, hbuf, bufs, init_h, init_c, schedule)
+        fr = (xw, proj, proj3, blocks, hbuf, bufs, init_h, init_c, schedule)
         if ws is not None:
             cache["frame"] = (key, ws, fr)
         return fr
@@ -512,13 +541,10 @@ def _stacked_lstm(node, xp, L):
             # inner layers' sequences alternate between two buffers; the last one's is the output
             ys = y if li == L - 1 else views[li % 2].reshape(-1)[:seq * batch * H].reshape(seq, 1, batch, H)
             xw = views[2].reshape(-1)[:seq * batch * 4 * H].reshape(seq * batch, 4 * H)
-            st = views[3].reshape(-1)
-            zz = st[:batch * 5 * H].reshape(batch, 5 * H)
-            prod = st[batch * 5 * H:batch * 7 * H].reshape(batch, 2 * H)
-            tmp = st[batch * 7 * H:batch * 8 * H].reshape(batch, H)
-            bufs = (zz, prod, tmp, xp.asarray(0.5, dtype=dt), zz[:, 4 * H:])
+            bufs = _step_buffers(xp, batch, H, dt, views[3].reshape(-1)[:8 * batch * H])
+            xg = views[4].reshape(-1)[:seq * batch * 4 * H]
             res = _lstm_fast(node, xp, h, _lstm_weights(xp, layer_caches[li], w, r, b, H), ins[7 * li + 5],
-                             ins[7 * li + 6], seq, batch, 1, H, 0, ys=ys, xw_buf=xw, bufs=bufs)
+                             ins[7 * li + 6], seq, batch, 1, H, 0, ys=ys, xw_buf=xw, bufs=bufs, xg_buf=xg)
             h = ys[:, 0]
         return [y] + list(res[1:])
 
@@ -530,7 +556,12 @@ def _stacked_lstm(node, xp, L):
         if batch > WAVEFRONT_MAX_BATCH:
             ws_now[0] = ws
             return layer_by_layer(ins, outs, seq, batch)
-        Hs, offs, wc, rc, bc = weights(ins, dt)
+        wts = weights(ins, dt)
+        Hs, offs, wc, rc, bc = wts[:5]
+        gm = _gate_major(batch)
+        if gm and wts[5] is None:
+            wts[5] = _gate_major_matrix(xp, rc)
+        rc4 = wts[5]
         HS = sum(Hs)
         last = slice(offs[-1], HS)
         y = _out(xp, outs, 0, (seq, 1, batch, Hs[-1]), dt)
@@ -547,7 +578,7 @@ def _stacked_lstm(node, xp, L):
         n = seq + L - 1
         # all steps' gate inputs: the biases, plus layer 0's input projection (one GEMM over its
         # own columns only, added into the four gate blocks through one strided view)
-        xw[...] = bc
+        xw[...] = bc.reshape(4, 1, HS) if gm else bc
         xp.matmul(x.reshape(seq * batch, x.shape[2]), wc, out=proj)
         xp.add(blocks, proj3, out=blocks)
         c = bufs[-1]
@@ -555,7 +586,7 @@ def _stacked_lstm(node, xp, L):
         finals = [None] * L
         h = init_h
         for k, stop, steps in schedule:
-            h = _lstm_steps(xp, bufs, rc, xw, h, steps)
+            h = _lstm_steps(xp, bufs, rc4 if gm else rc, xw, h, steps)
             if stop == k + 1:  # (the batch in the middle holds no such step)
                 for li in range(1, L):
                     if k < li:  # layer li has not started: back to its initial state
@@ -578,8 +609,8 @@ def _stacked_shapes(seq, batch, Hs, L):
     """Buffers of the wavefront kernel: gate inputs, layer 0's projection, the h of every step,
     gates + cell state, products, tanh(c), initial h and c."""
     HS, n = sum(Hs), max(seq + L - 1, 1)
-    return [(n, batch, 4 * HS), (max(seq, 1) * batch, 4 * Hs[0]), (n, batch, HS), (batch, 5 * HS),
-            (batch, 2 * HS), (batch, HS), (batch, HS), (batch, HS)]
+    return [(n, batch, 4 * HS), (max(seq, 1) * batch, 4 * Hs[0]), (n, batch, HS), (8 * batch * HS,),
+            (batch, HS), (batch, HS)]
 
 
 def stacked_lstm_workspace(node, shapes, dtypes) -> int:
@@ -601,7 +632,7 @@ def _layer_shapes(seq, batch, Hs):
     """Buffers of the layer-by-layer run: two inner sequences (alternating), the input
     projection and the step buffers, each sized for the widest layer."""
     H = max(Hs)
-    return [(seq * batch * H,), (seq * batch * H,), (seq * batch * 4 * H,), (batch * 8 * H,)]
+    return [(seq * batch * H,), (seq * batch * H,), (seq * batch * 4 * H,), (batch * 8 * H,), (seq * batch * 4 * H,)]
 
 
 def _carve_all(xp, ws, shapes, dt):
