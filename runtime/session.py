@@ -119,6 +119,9 @@ class Session:
         self._unfolded = None
         self._inputs = _value_args([i for i in model.graph.input if i.name not in inits])
         self._outputs = _value_args(model.graph.output)
+        # per input: (may be None: an optional, holds a sequence)
+        self._input_kinds = {a.name: (a.type.startswith("optional("), a.type.replace("optional(", "").startswith("seq("))
+                             for a in self._inputs}
         self._input_dtypes = {}
         for a in self._inputs:
             v = next(i for i in model.graph.input if i.name == a.name)
@@ -179,13 +182,13 @@ class Session:
                 raise DataError(f"input '{name}' is missing from the feeds")
             v = feeds[name]
             arg = next(a for a in self._inputs if a.name == name)
-            inner = arg.type[len("optional("):-1] if arg.type.startswith("optional(") else arg.type
+            optional, sequence = self._input_kinds[name]
             if v is None:
-                if inner == arg.type:
+                if not optional:
                     raise DataError(f"input '{name}': None is a value of optional inputs only ({arg.type})")
                 values.append(None)  # an empty optional
                 continue
-            if inner.startswith("seq("):
+            if sequence:
                 if not isinstance(v, (list, tuple)):
                     raise DataError(f"input '{name}': expected a sequence (a list of arrays), got {type(v).__name__}")
                 values.append(feed_value(self.xp, v))
