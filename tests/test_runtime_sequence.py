@@ -362,3 +362,19 @@ def test_sequences_and_strings_with_cupy_like_arrays():
         assert type(up) is np.ndarray and list(up) == ["AB C", "B", "A"]
         assert isinstance(m, Device) and m.tolist() == [True, False, True]
         assert isinstance(n, Device) and n.tolist() == [2, 1, 1]
+
+
+def test_label_encoder_v1_classes_strings_matches_ort():
+    for text, feeds in (
+            ("string[4] x) => (int64[4] y", {"x": np.array(["b", "zz", "a", "c"], dtype=object)}),
+            ("int64[4] x) => (string[4] y", {"x": np.array([2, 0, 7, 1], np.int64)})):
+        model = onnx.parser.parse_model(f"""
+        <ir_version: 9, opset_import: ["" : 18, "ai.onnx.ml" : 1]>
+        g ({text})
+        {{
+            y = ai.onnx.ml.LabelEncoder<classes_strings = ["a", "b", "c"], default_int64 = -3,
+                                        default_string = "none">(x)
+        }}
+        """)
+        onnx.checker.check_model(model, full_check=True)
+        _check_vs_ort(model, [feeds])
