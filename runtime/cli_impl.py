@@ -46,6 +46,25 @@ def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
+def _flatten_outputs(outs: dict, echo) -> dict[str, np.ndarray]:
+    """Outputs as named arrays: a sequence output ``s`` becomes ``s.0``, ``s.1``, ... (the keys
+    ``--save-outputs`` writes); an empty optional output is left out (said on ``echo``)."""
+    flat = {}
+    for name, val in outs.items():
+        if val is None:
+            if echo is not None:
+                echo(f"{name}: empty optional (not saved)")
+        elif isinstance(val, (list, tuple)):
+            if echo is not None:
+                echo(f"{name}: sequence of {len(val)} tensors, saved as {name}.0 ... {name}.{len(val) - 1}"
+                     if val else f"{name}: empty sequence (not saved)")
+            for i, v in enumerate(val):
+                flat[f"{name}.{i}"] = np.asarray(v)
+        else:
+            flat[name] = np.asarray(val)
+    return flat
+
+
 def _feeds(model, inputs: Path | None, shapes: dict, seed: int, batch: int | None = None):
     from opc.ort import graph_inputs, input_spec, seeded_feeds
 
@@ -78,7 +97,7 @@ def run_command(model_path: Path, inputs: Path | None, backend: str, save_output
     sess = Session(model, backend=backend)
     t0 = time.perf_counter()
     names = [o.name for o in sess.get_outputs()]
-    outs = dict(zip(names, sess.run(None, feeds)))
+    outs = _flatten_outputs(dict(zip(names, sess.run(None, feeds))), echo)
     dt = time.perf_counter() - t0
     for name, arr in outs.items():
         echo(f"{name}: shape {tuple(arr.shape)} {arr.dtype}" + (
@@ -96,7 +115,10 @@ def run_command(model_path: Path, inputs: Path | None, backend: str, save_output
         save_npz_atomic(save_outputs, outs)
         echo(f"outputs written to {save_outputs}")
     if compare_to == "ort":
-        ref = dict(zip(names, make_session(model).run(None, feeds)))
+        ref = _flatten_outputs(dict(zip(names, make_session(model).run(None, feeds))), None)
+        if sorted(ref) != sorted(outs):
+            raise VerificationError(f"outputs differ from ONNX Runtime in structure: ORT gives {sorted(ref)}, "
+                                    f"opc {sorted(outs)}")
         bad = report_outputs(ref, outs, rtol, atol, echo, prefix="vs ORT ")
         if bad:
             raise VerificationError(f"{len(bad)} of {len(names)} outputs differ from ONNX Runtime beyond "

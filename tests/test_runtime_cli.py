@@ -59,6 +59,35 @@ def test_run_with_seeded_inputs_and_bad_option(model_path, capsys):
     assert main(["run", str(model_path), "--compare-to", "tf"]) == 2
 
 
+SEQUENCE_MODEL = """
+<ir_version: 9, opset_import: ["" : 18]>
+g (float[2, 6] x) => (seq(float[2, ?]) parts, optional(seq(float[2, ?])) none)
+{
+    three = Constant<value = int64 {3}>()
+    parts = SplitToSequence<axis = 1>(x, three)
+    none = Optional<type = seq(float)>()
+}
+"""
+
+
+def test_run_saves_sequence_outputs_element_by_element(tmp_path, capsys):
+    path = tmp_path / "seq.onnx"
+    onnx.save(onnx.parser.parse_model(SEQUENCE_MODEL), path)
+    x = np.arange(12, dtype=np.float32).reshape(2, 6)
+    np.savez(tmp_path / "in.npz", x=x)
+    out = tmp_path / "out.npz"
+    rc = main(["run", str(path), "--inputs", str(tmp_path / "in.npz"), "--save-outputs", str(out),
+               "--compare-to", "ort", "--validate"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "parts: sequence of 2 tensors, saved as parts.0 ... parts.1" in text
+    assert "none: empty optional (not saved)" in text and "vs ORT parts.1:" in text
+    with np.load(out) as z:
+        assert sorted(z.files) == ["parts.0", "parts.1"]
+        np.testing.assert_array_equal(z["parts.0"], x[:, :3])
+        np.testing.assert_array_equal(z["parts.1"], x[:, 3:])
+
+
 def test_bench_reports_opc_and_ort(model_path, capsys):
     rc = main(["bench", str(model_path), "--backend", "numpy", "--batch", "8", "--vs", "ort", "--repeats", "3"])
     text = capsys.readouterr().out
