@@ -40,7 +40,9 @@ def _relu(xp, node):
 
 def _sigmoid(xp, node):
     def f(x, o):
-        o = xp.negative(x, out=o)
+        if o is None:  # a buffer of our own: on a 0-d input the ufunc would return a scalar
+            o = xp.empty_like(x)
+        xp.negative(x, out=o)
         xp.exp(o, out=o)  # overflow to inf gives the exact limit 0 below
         o += o.dtype.type(1)
         return xp.reciprocal(o, out=o)

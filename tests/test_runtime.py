@@ -261,6 +261,16 @@ def test_ops_without_onnx_node_cases_match_ort():
     _check(model, {"x": np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)})
 
 
+@pytest.mark.parametrize("op", ["Sigmoid", "Relu", "Tanh", "Exp", "Neg"])
+def test_unary_ops_on_0d_tensors_match_ort(op):
+    model = onnx.parser.parse_model(f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float x) => (float y) {{ y = {op} (x) }}
+    """)
+    got = _check(model, {"x": np.array(0.75, np.float32)}).run(None, {"x": np.array(-0.5, np.float32)})[0]
+    assert isinstance(got, np.ndarray) and got.shape == () and got.dtype == np.float32
+
+
 @pytest.mark.parametrize("x_shape,w_shape,attrs", [CONV_CASES[i] for i in (3, 7, 9, -4, -2, -1)])
 def test_conv_batch_chunks(monkeypatch, x_shape, w_shape, attrs):
     """Batches are gathered a chunk at a time to bound the scratch memory: one image per chunk here."""
