@@ -61,13 +61,18 @@ class Program:
             self.names.append(name)
         return s
 
-    def run(self, feeds: list, captured: list | None = None) -> list:
-        """Execute without preallocated outputs (subgraphs, traces)."""
+    def start_values(self, feeds: list) -> list:
+        """One value per slot: the constants and the fed inputs in place, None elsewhere."""
         vals = [None] * len(self.names)
         for s, v in self.consts.items():
             vals[s] = v
         for s, v in zip(self.inputs, feeds):
             vals[s] = v
+        return vals
+
+    def run(self, feeds: list, captured: list | None = None) -> list:
+        """Execute without preallocated outputs (subgraphs, traces)."""
+        vals = self.start_values(feeds)
         for s, v in zip(self.capture_slots, captured or []):
             vals[s] = v
         for step, dead in zip(self.steps, self.release):

@@ -234,11 +234,7 @@ class Session:
             return self._steady(values, layout)
         p = self.program
         xp = self.xp
-        vals = [None] * len(p.names)
-        for s, v in p.consts.items():
-            vals[s] = v
-        for s, v in zip(p.inputs, values):
-            vals[s] = v
+        vals = p.start_values(values)
         trace = layout is False and self.use_arena
         record = {} if trace else None
         static = {} if trace else None  # slots whose value depends on input shapes only
@@ -299,11 +295,7 @@ class Session:
     def _steady(self, values, layout):
         """A run inside the arena: no allocation but the outputs, no shape arithmetic."""
         p = self.program
-        vals = [None] * len(p.names)
-        for s, v in p.consts.items():
-            vals[s] = v
-        for s, v in zip(p.inputs, values):
-            vals[s] = v
+        vals = p.start_values(values)
         for s, v in layout.static.items():
             vals[s] = v
         self._run_arena(vals, layout)
