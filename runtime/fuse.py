@@ -419,6 +419,10 @@ def _np_op(xp, m: Member, args, o):
         xp.add(o, o.dtype.type(1), out=o)
         return xp.reciprocal(o, out=o)
     if op == "Erf":
+        if x.dtype == np.float32 and o.dtype == np.float32:
+            from opc.runtime.k_elementwise import erf_f32
+
+            return erf_f32(x, o)
         erf = _np_erf()
         if erf is not None:
             return erf(x, out=o)

@@ -102,17 +102,79 @@ def _erf(xp, node):
         try:
             from scipy.special import erf as _sp_erf  # noqa: F401
 
-            def erf(x, o):
+            def erf(x, o, ws=None):
+                if x.dtype == np.float32:
+                    return erf_f32(x, o, ws)
                 if o is not None and x.dtype.kind == "f" and x.dtype.itemsize >= 4:
                     return _sp_erf(x, out=o)  # straight into the arena view
                 return _sp_erf(x).astype(x.dtype, copy=False)
             return erf
         except Exception:
             pass
-        return lambda x, o: _erf_approx(xp, x)
+        return lambda x, o, ws=None: erf_f32(x, o, ws) if x.dtype == np.float32 else _erf_approx(xp, x)
     import cupyx.scipy.special as sps  # pragma: no cover - GPU only
 
-    return lambda x, o: sps.erf(x)
+    return lambda x, o, ws=None: sps.erf(x)
+
+
+# erf(x) ~ x P(x^2) / Q(x^2), fitted on [-4, 4]: a rational
+# least-squares fit made for this runtime (Chebyshev nodes, reweighted by 1/Q; max abs error
+# 4e-7 evaluated in float32, relative 5e-7). SciPy's erf runs 5-10 ns an element (double
+# cephes, branches); these 23 ufunc passes over a chunk in cache are 2-10x faster.
+ERF_P = (1.1283788443192004, 0.20891050796977387, 0.05175733080317897, 0.004076948359282198,
+         0.00015023926308742924, -1.9699344275221006e-06, 1.933625284617886e-08)
+ERF_Q = (1.0, 0.5184713087182182, 0.11870899401939339, 0.015115662783029934, 0.0010452371026511045)
+_ERF_P32 = tuple(np.float32(c) for c in ERF_P)
+_ERF_Q32 = tuple(np.float32(c) for c in ERF_Q)
+# the fit overshoots 1 by up to 4e-7 between 3.64 and 4: inputs are clamped below that
+# (erf(3.6) = 1 - 3.6e-7, the fit gives 1 - 2.4e-7 there), so |erf| <= 1 holds
+ERF_CLIP = np.float32(3.6)
+ERF_CHUNK = 65536  # elements per pass group: two float32 scratch chunks (512 KiB) stay in L2
+
+
+def erf_workspace(node, shapes, dtypes):
+    if not shapes or shapes[0] is None or not dtypes or dtypes[0] is None or np.dtype(dtypes[0]) != np.float32:
+        return 0
+    return 2 * 4 * min(int(np.prod(shapes[0], dtype=np.int64)), ERF_CHUNK)
+
+
+def _horner(u, cs, t):
+    np.multiply(u, cs[-1], out=t)
+    np.add(t, cs[-2], out=t)
+    for c in cs[-3::-1]:
+        np.multiply(t, u, out=t)
+        np.add(t, c, out=t)
+
+
+def erf_f32(x, o=None, ws=None):
+    """erf of a float32 NumPy array into ``o`` (allocated if None; may be ``x``), with the
+    uint8 scratch ``ws`` (``erf_workspace`` bytes; allocated if None or short)."""
+    n = x.size
+    if o is None or not o.flags.c_contiguous:  # arena views are contiguous; a strided one gets a copy
+        dst = o
+        o = np.empty(x.shape, np.float32)
+        erf_f32(x, o, ws)
+        if dst is None:
+            return o
+        np.copyto(dst, o)
+        return dst
+    m = max(min(n, ERF_CHUNK), 1)
+    if ws is None or ws.size < 8 * m:
+        ws = np.empty(8 * m, np.uint8)
+    u_all = ws[:4 * m].view(np.float32)
+    t_all = ws[4 * m:8 * m].view(np.float32)
+    xf = x.reshape(-1)
+    of = o.reshape(-1)
+    for s in range(0, n, m):
+        e = min(n, s + m)
+        xc, oc, u, t = xf[s:e], of[s:e], u_all[:e - s], t_all[:e - s]
+        np.clip(xc, -ERF_CLIP, ERF_CLIP, out=oc)  # NaN stays NaN; +-inf: +-(1 - 2.4e-7)
+        np.multiply(oc, oc, out=u)
+        _horner(u, _ERF_Q32, t)
+        np.divide(oc, t, out=oc)
+        _horner(u, _ERF_P32, t)
+        np.multiply(oc, t, out=oc)
+    return o
 
 
 def _erf_approx(xp, x):
@@ -152,9 +214,19 @@ def _bitnot(xp, node):
 
 for _op, _f in [("Relu", _relu), ("Sigmoid", _sigmoid), ("LeakyRelu", _leaky), ("Elu", _elu), ("Selu", _selu),
                 ("Celu", _celu), ("Softplus", _softplus), ("Softsign", _softsign), ("HardSigmoid", _hardsigmoid),
-                ("HardSwish", _hardswish), ("ThresholdedRelu", _thresholded), ("Shrink", _shrink), ("Erf", _erf),
+                ("HardSwish", _hardswish), ("ThresholdedRelu", _thresholded), ("Shrink", _shrink),
                 ("Gelu", _gelu), ("Not", _not), ("IsNaN", _isnan), ("IsInf", _isinf), ("BitwiseNot", _bitnot)]:
     _unary(_op, _f)
+
+
+@kernel("Erf", workspace=erf_workspace)
+def _erf_kernel(node, xp):
+    fn = _erf(xp, node)
+
+    def run(ins, outs, ws):
+        x = ins[0]
+        return fn(x, out_if(outs, 0, x.shape, x.dtype), ws)
+    return run
 
 
 @kernel("Mish")

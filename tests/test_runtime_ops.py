@@ -457,3 +457,43 @@ def test_image_decoder_without_pillow_fails_at_load_naming_the_node(monkeypatch)
     model = _model("ImageDecoder", 20, {"data": np.zeros(8, np.uint8)}, ["img"])
     with pytest.raises(ModelError, match=r"node 'img' \(ImageDecoder\).*Pillow"):
         rt.Session(model, backend="numpy")
+
+
+def test_float32_erf_rational_fit_accuracy_edges_and_chunks():
+    """The NumPy float32 erf (a rational fit, not SciPy): within 5e-7 of erf in double over
+    the whole range, never above 1 in magnitude, NaN kept, across chunk boundaries, in place, into a
+    strided view, and with a short workspace."""
+    from scipy.special import erf
+
+    from opc.runtime.k_elementwise import ERF_CHUNK, erf_f32, erf_workspace
+
+    x = np.linspace(-7, 7, 2 * ERF_CHUNK + 1004, dtype=np.float32)  # 3 chunks, the last one short
+    want = erf(x.astype(np.float64))
+    got = erf_f32(x)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    assert np.abs(got - want).max() < 5e-7 and np.abs(got).max() <= 1
+    tiny = np.array([1e-30, -1e-20, 1e-8, 0.0], np.float32)  # relative accuracy near 0
+    np.testing.assert_allclose(erf_f32(tiny), erf(tiny.astype(np.float64)), rtol=1e-6, atol=0)
+    edge = erf_f32(np.array([np.inf, -np.inf, np.nan, 100.0], np.float32))
+    assert 1 - 5e-7 < edge[0] <= 1 and edge[1] == -edge[0] and np.isnan(edge[2]) and edge[3] == edge[0]
+    y = x.reshape(4, -1).copy()
+    erf_f32(y, y, np.empty(16, np.uint8))  # in place, workspace too short: allocated
+    np.testing.assert_array_equal(y.reshape(-1), got)
+    strided = np.zeros((x.size, 2), np.float32)[:, 0]
+    assert erf_f32(x, strided) is strided
+    np.testing.assert_array_equal(strided, got)
+    assert erf_workspace(None, [(3, 5)], [np.dtype(np.float32)]) == 2 * 4 * 15
+    assert erf_workspace(None, [(3, 5)], [np.dtype(np.float64)]) == 0
+    assert erf_workspace(None, [None], [None]) == 0
+
+
+def test_erf_and_gelu_match_ort_in_the_arena():
+    from scipy.special import erf
+
+    x = (np.random.default_rng(3).standard_normal((4, 40, 700)) * 3).astype(np.float32)
+    _check(_model("Erf", 13, {"x": x}, ["y"]), {"x": x}, rtol=1e-5, atol=1e-6)
+    _check(_model("Gelu", 20, {"x": x}, ["y"]), {"x": x}, rtol=1e-5, atol=1e-6)
+    xd = x.astype(np.float64)  # ORT has no double Erf: SciPy's, which the runtime keeps for float64
+    sess = rt.Session(_model("Erf", 13, {"x": xd}, ["y"]), backend="numpy")
+    for _ in range(2):
+        np.testing.assert_allclose(sess.run(None, {"x": xd})[0], erf(xd), rtol=1e-14, atol=0)
