@@ -961,8 +961,17 @@ def _matmul(node, xp):
         a, b = ins
         if a.ndim >= 2 and b.ndim >= 2:
             shape = _matmul_shape(a.shape, b.shape)
-            return xp.matmul(a, b, out=out_if(outs, 0, shape, a.dtype))
-        return xp.matmul(a, b)
+            y = xp.matmul(a, b, out=out_if(outs, 0, shape, a.dtype))
+        else:
+            y = xp.matmul(a, b)
+        post = getattr(node, "post_ops", None)  # bias / scale steps merged at load (program.py)
+        if post is None:
+            return y
+        if not isinstance(y, xp.ndarray):
+            y = xp.asarray(y)
+        for name, c in post:
+            getattr(xp, name)(y, c, out=y)
+        return y
     return run
 
 

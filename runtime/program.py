@@ -284,9 +284,54 @@ def _fuse_activations(p: Program, graph_outputs: set[int]) -> None:
         st.outs = list(act.outs)
         st.node.outputs = list(act.node.outputs)
         drop.add(users[0])
+    # MatMul followed by its only reader adding/scaling by a constant that keeps the shape (the
+    # bias of a linear layer, attention's 1/sqrt(d)): applied in place on the product
+    for i, st in enumerate(p.steps):
+        if st.node.op_type != "MatMul" or st.node.domain or len(st.outs) != 1 or len(st.ins) != 2 or i in drop:
+            continue
+        w = p.consts.get(st.ins[1])
+        ops = []
+        while True:
+            out = st.outs[0]
+            users = readers.get(out, [])
+            if out < 0 or out in graph_outputs or len(users) != 1 or users[0] in drop:
+                break
+            nxt = p.steps[users[0]]
+            op = _matmul_post(p, nxt, out, w)
+            if op is None:
+                break
+            ops.append(op)
+            st.outs = list(nxt.outs)
+            st.node.outputs = list(nxt.node.outputs)
+            drop.add(users[0])
+        if ops:
+            st.node.post_ops = tuple(ops)
     if drop:
         p.steps = [st for i, st in enumerate(p.steps) if i not in drop]
         p.fused = len(drop)
+
+
+_MATMUL_POST = {"Add": "add", "Mul": "multiply", "Sub": "subtract", "Div": "divide"}
+
+
+def _matmul_post(p: Program, st, out: int, w):
+    """(ufunc name, constant) when step ``st`` is ``out (op) c`` (or ``c + out``, ``c * out``)
+    with a float constant ``c`` that broadcasts without changing ``out``'s shape: a 0-d value, or
+    a row vector over the columns of a constant 2-D weight ``w`` (of ``c``'s dtype)."""
+    n = st.node
+    if n.domain or n.op_type not in _MATMUL_POST or len(st.ins) != 2 or len(st.outs) != 1 or st.outs[0] < 0:
+        return None
+    if st.ins[0] == out and st.ins[1] != out:
+        c = p.consts.get(st.ins[1])
+    elif st.ins[1] == out and st.ins[0] != out and n.op_type in ("Add", "Mul"):
+        c = p.consts.get(st.ins[0])
+    else:
+        return None
+    if c is None or not hasattr(c, "dtype") or c.dtype.kind != "f" or (w is not None and c.dtype != w.dtype):
+        return None
+    if c.ndim == 0 or (c.ndim == 1 and w is not None and w.ndim == 2 and c.shape[0] == w.shape[1]):
+        return (_MATMUL_POST[n.op_type], c)
+    return None
 
 
 def _host(a):

@@ -154,6 +154,42 @@ def test_conv_activation_fusion():
     assert _check(model, feeds).program.fused == 0
 
 
+def test_matmul_bias_and_scale_fusion():
+    """MatMul -> Add(bias) -> Mul(0-d) becomes one step (bias on either side of the Add); a
+    bias that would broadcast the product to a new shape, a product read twice, and a
+    non-constant addend stay separate steps."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 5, 8] x, float[2, 5, 6] r) => (float[2, 5, 6] y, float[2, 5, 6] z, float[2, 5, 6] u) {
+        m = MatMul(x, w)
+        a = Add(b, m)
+        y = Mul(a, s)
+        n = MatMul(x, w)
+        z = Add(n, r)
+        k = MatMul(x, w)
+        k2 = Div(k, s)
+        u = Add(k, k2)
+    }
+    """
+    rng = np.random.default_rng(5)
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.extend([
+        numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b"),
+        numpy_helper.from_array(np.array(0.25, np.float32), "s")])
+    feeds = {"x": rng.standard_normal((2, 5, 8)).astype(np.float32),
+             "r": rng.standard_normal((2, 5, 6)).astype(np.float32)}
+    sess = _check(model, feeds, runs=3)
+    ops = [st.node.op_type for st in sess.program.steps]
+    assert ops == ["MatMul", "MatMul", "Add", "MatMul", "Div", "Add"] and sess.program.fused == 2
+    assert [name for name, _ in sess.program.steps[0].node.post_ops] == ["add", "multiply"]
+    assert getattr(sess.program.steps[1].node, "post_ops", None) is None
+    # a (1, 6) bias row (rank 2) or a per-row bias is left to the Add kernel
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(rng.standard_normal((5, 1)).astype(np.float32), "b"))
+    sess = _check(model, feeds)
+    assert [st.node.op_type for st in sess.program.steps][:3] == ["MatMul", "Add", "Mul"]
+
+
 def test_intermediates_live_in_the_arena_and_outputs_do_not():
     model, feeds = _conv_model((1, 8, 12, 12), (16, 8, 3, 3), pads=[1, 1, 1, 1], act="Sigmoid")
     sess = rt.Session(model, backend="numpy")
