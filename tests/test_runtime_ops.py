@@ -497,3 +497,14 @@ def test_erf_and_gelu_match_ort_in_the_arena():
     sess = rt.Session(_model("Erf", 13, {"x": xd}, ["y"]), backend="numpy")
     for _ in range(2):
         np.testing.assert_allclose(sess.run(None, {"x": xd})[0], erf(xd), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceMean"])
+@pytest.mark.parametrize("keepdims", [0, 1])
+@pytest.mark.parametrize("axes", [[2, 3], [-1], [3, 2], [1]])
+def test_sum_and_mean_over_trailing_axes_as_gemv_match_ort(op, keepdims, axes):
+    """Trailing axes go through a GEMV with a ones (1/n) column; others ([1]) through NumPy."""
+    x = np.random.default_rng(4).standard_normal((2, 40, 7, 7)).astype(np.float32)
+    a = np.array(axes, np.int64)
+    model = _model(op, 18, {"x": x, "axes": a}, ["y"], keepdims=keepdims)
+    _check(model, {"x": x, "axes": a}, rtol=1e-5, atol=1e-5)
