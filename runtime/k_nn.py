@@ -169,8 +169,9 @@ def _pad_slices(spatial, pads):
     return borders, centre
 
 
-def _pad_into(xp, dst, x, pads, value=0):
-    """Write ``x`` into the centre of ``dst`` (N, C, *padded) and fill the border with ``value``."""
+def _pad_into(xp, dst, x, pads, value=0, pre=None):
+    """Write ``x`` into the centre of ``dst`` (N, C, *padded) and fill the border with ``value``;
+    ``pre``: an activation (``node.post`` form) applied to ``x`` on the way."""
     n = x.ndim - 2
     centre = (slice(None), slice(None)) + tuple(slice(pads[i], pads[i] + x.shape[2 + i]) for i in range(n))
     for i in range(n):
@@ -180,8 +181,27 @@ def _pad_into(xp, dst, x, pads, value=0):
             dst[lo] = value
         if dst.shape[2 + i] > pads[i] + x.shape[2 + i]:
             dst[hi] = value
-    dst[centre] = x
+    if pre is None:
+        dst[centre] = x
+    else:
+        _activate(xp, pre, x, dst[centre])
     return dst
+
+
+def _activate(xp, post, x, out):
+    """``out = act(x)`` for an activation in ``node.post`` form (``out`` may be ``x``)."""
+    if post[0] == "relu":
+        return xp.maximum(x, x.dtype.type(0), out=out)
+    lo, hi = post[1], post[2]
+    if lo is not None and hi is not None:  # one pass, not two
+        return xp.clip(x, x.dtype.type(lo), x.dtype.type(hi), out=out)
+    if lo is not None:
+        x = xp.maximum(x, x.dtype.type(lo), out=out)
+    if hi is not None:
+        x = xp.minimum(x, x.dtype.type(hi), out=out)
+    if x is not out:
+        out[...] = x
+    return out
 
 
 @kernel("Conv", workspace=conv_workspace)
@@ -203,6 +223,9 @@ def _conv(node, xp):
         if y is None:
             y = xp.empty(oshape, dtype=x.dtype)
         kind = p["kind"]
+        pre = getattr(node, "pre", None)  # the producer's activation, moved here at load (program.py)
+        if pre is not None and kind != "depthwise_wide":
+            x = _activate(xp, pre, x, xp.empty_like(x))
         if kind == "gemm":
             src = x
             if any(s != 1 for s in p["strides"]):
@@ -232,16 +255,7 @@ def apply_post(xp, node, y):
     post = getattr(node, "post", None)
     if post is None:
         return y
-    if post[0] == "relu":
-        return xp.maximum(y, y.dtype.type(0), out=y)
-    lo, hi = post[1], post[2]
-    if lo is not None and hi is not None:  # one pass, not two
-        return xp.clip(y, y.dtype.type(lo), y.dtype.type(hi), out=y)
-    if lo is not None:
-        xp.maximum(y, y.dtype.type(lo), out=y)
-    if hi is not None:
-        xp.minimum(y, y.dtype.type(hi), out=y)
-    return y
+    return _activate(xp, post, y, y)
 
 
 def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
@@ -258,6 +272,7 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
     dh, dw = p["dil"]
     Ho, Wo = p["outs"]
     pads = p["pads"]
+    pre = getattr(node, "pre", None)
     P = sh * sw
     src_b, off = _take(ws, 0, (P, chunk * C, R), x.dtype, xp)
     acc_b, off = _take(ws, off, (chunk * C, L), x.dtype, xp)
@@ -291,7 +306,7 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
         src, acc, tmp, wt = src_b[:, :rows], acc_b[:rows], tmp_b[:rows], wt_b[:rows]
         pd = [pads[0], pads[1], pads[2], pads[3]]
         if P == 1:
-            _pad_into(xp, src[0, :, :Hq * Wq].reshape(nb, C, Hq, Wq), x[n0:n0 + nb], pd)
+            _pad_into(xp, src[0, :, :Hq * Wq].reshape(nb, C, Hq, Wq), x[n0:n0 + nb], pd, pre=pre)
         else:  # phase (a, c) pixel (u, v) is x[sh*u + a - top, sw*v + c - left], zero outside x
             src[...] = 0
             xs = x[n0:n0 + nb]
@@ -303,7 +318,11 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
                     part = xs[:, :, r0::sh, c0::sw]
                     if part.size:
                         dst = src[a * sw + c, :, :Hq * Wq].reshape(nb, C, Hq, Wq)
-                        dst[:, :, u0:u0 + part.shape[2], v0:v0 + part.shape[3]] = part
+                        dst = dst[:, :, u0:u0 + part.shape[2], v0:v0 + part.shape[3]]
+                        if pre is None:
+                            dst[...] = part
+                        else:
+                            _activate(xp, pre, part, dst)
         if tail:
             src[:, :, Hq * Wq:] = 0
         if rb:

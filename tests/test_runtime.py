@@ -154,6 +154,41 @@ def test_conv_activation_fusion():
     assert _check(model, feeds).program.fused == 0
 
 
+def test_activation_moves_into_the_stride1_depthwise_conv_that_reads_it():
+    """Conv -> Clip -> depthwise 3x3 stride 1: the clip runs in the depthwise conv's padding
+    copy; into a stride-2 depthwise conv, or with a second reader, it stays on the producer."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 4, 9, 9] x) => (float[2, 6, 9, 9] y, float[2, 6, 5, 5] z, float[2, 6, 9, 9] u) {
+        a = Conv(x, w1, b1)
+        ac = Clip(a, lo, hi)
+        y = Conv <group = 6, pads = [1, 1, 1, 1]> (ac, wd, bd)
+        c = Conv(x, w1, b1)
+        cc = Relu(c)
+        z = Conv <group = 6, pads = [1, 1, 1, 1], strides = [2, 2]> (cc, wd, bd)
+        e = Conv(x, w1)
+        er = Relu(e)
+        f = Conv <group = 6, pads = [1, 1, 1, 1]> (er, wd)
+        u = Add(f, er)
+    }
+    """
+    rng = np.random.default_rng(6)
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.extend([
+        numpy_helper.from_array(rng.standard_normal((6, 4, 1, 1)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.standard_normal((6, 1, 3, 3)).astype(np.float32), "wd"),
+        numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "bd"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "hi")])
+    feeds = {"x": rng.standard_normal((2, 4, 9, 9)).astype(np.float32)}
+    sess = _check(model, feeds, runs=3)
+    steps = sess.program.steps
+    assert [st.node.op_type for st in steps] == ["Conv"] * 6 + ["Add"] and sess.program.fused == 3
+    assert [getattr(st.node, "pre", None) for st in steps[:6]] == [None, ("clip", 0.0, 0.5)] + [None] * 4
+    assert [getattr(st.node, "post", None) for st in steps[:6]] == [None, None, ("relu",), None, ("relu",), None]
+
+
 def test_matmul_bias_and_scale_fusion():
     """MatMul -> Add(bias) -> Mul(0-d) becomes one step (bias on either side of the Add); a
     bias that would broadcast the product to a new shape, a product read twice, and a
