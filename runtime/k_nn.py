@@ -308,7 +308,6 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
         if P == 1:
             _pad_into(xp, src[0, :, :Hq * Wq].reshape(nb, C, Hq, Wq), x[n0:n0 + nb], pd, pre=pre)
         else:  # phase (a, c) pixel (u, v) is x[sh*u + a - top, sw*v + c - left], zero outside x
-            src[...] = 0
             xs = x[n0:n0 + nb]
             H, W = x.shape[2:]
             for a in range(sh):
@@ -316,13 +315,20 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
                 for c in range(sw):
                     v0, c0 = _phase_range(c, pads[1], sw, W)
                     part = xs[:, :, r0::sh, c0::sw]
-                    if part.size:
-                        dst = src[a * sw + c, :, :Hq * Wq].reshape(nb, C, Hq, Wq)
-                        dst = dst[:, :, u0:u0 + part.shape[2], v0:v0 + part.shape[3]]
-                        if pre is None:
-                            dst[...] = part
-                        else:
-                            _activate(xp, pre, part, dst)
+                    img = src[a * sw + c, :, :Hq * Wq].reshape(nb, C, Hq, Wq)
+                    if not part.size:
+                        img[...] = 0
+                        continue
+                    u1, v1 = u0 + part.shape[2], v0 + part.shape[3]
+                    img[:, :, :u0] = 0  # zero only the border the copy leaves
+                    img[:, :, u1:] = 0
+                    img[:, :, u0:u1, :v0] = 0
+                    img[:, :, u0:u1, v1:] = 0
+                    dst = img[:, :, u0:u1, v0:v1]
+                    if pre is None:
+                        dst[...] = part
+                    else:
+                        _activate(xp, pre, part, dst)
         if tail:
             src[:, :, Hq * Wq:] = 0
         if rb:

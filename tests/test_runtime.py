@@ -154,6 +154,25 @@ def test_conv_activation_fusion():
     assert _check(model, feeds).program.fused == 0
 
 
+@pytest.mark.parametrize("x_shape,attrs", [
+    ((2, 6, 12, 12), dict(pads=[1, 1, 1, 1], strides=[2, 2])),
+    ((1, 6, 13, 11), dict(pads=[0, 2, 1, 0], strides=[2, 2])),
+    ((1, 6, 14, 15), dict(pads=[2, 2, 2, 2], strides=[3, 2], dilations=[2, 1])),
+    ((2, 6, 5, 40), dict(pads=[1, 1, 1, 1], strides=[2, 2])),
+    ((1, 6, 9, 9), dict(strides=[2, 2])),
+])
+def test_strided_depthwise_zeroes_every_border_of_a_reused_workspace(x_shape, attrs):
+    """The phase images are zeroed only where the input copy does not reach: poisoning the
+    arena (NaN bytes) between runs must not change the outputs."""
+    model, feeds = _conv_model(x_shape, (6, 1, 3, 3), group=6, **attrs)
+    sess = _check(model, feeds)
+    (lay,) = sess._layouts.values()
+    want = _ort(model, feeds)[0]
+    for _ in range(2):
+        lay.arena[...] = 0xFF
+        np.testing.assert_allclose(sess.run(None, feeds)[0], want, rtol=1e-5, atol=1e-5)
+
+
 def test_activation_moves_into_the_stride1_depthwise_conv_that_reads_it():
     """Conv -> Clip -> depthwise 3x3 stride 1: the clip runs in the depthwise conv's padding
     copy; into a stride-2 depthwise conv, or with a second reader, it stays on the producer."""
