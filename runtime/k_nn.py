@@ -111,7 +111,7 @@ def _conv_plan(node, x_shape, w_shape, itemsize):
             return dict(kind="depthwise_wide", strides=strides, dil=dil, pads=pads, outs=outs, Hp=Hp, Wp=Wp,
                         Hq=Hq, Wq=Wq, R=R, L=L, chunk=chunk, rb=rb,
                         ws=_align(chunk * C * P * R * itemsize) + (1 if rb else 2) * _align(chunk * C * L * itemsize)
-                        + _align(rb * taps * L * itemsize))
+                        + _align(rb * (taps + 1) * L * itemsize))  # + a ones row for the bias
         padn = N * C * int(math.prod([x_shape[2 + i] + pads[i] + pads[i + nsp] for i in range(nsp)])) if padded else 0
         return dict(kind="depthwise", strides=strides, dil=dil, pads=pads, outs=outs,
                     ws=_align(padn * itemsize) + _align(N * C * prodO * itemsize))
@@ -264,7 +264,9 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
     image itself), each flattened per channel with its own width Wq. Kernel tap (i, j) then reads
     phase (i*dh % sh, j*dw % sw) at the contiguous offset (i*dh // sh) * Wq + j*dw // sw, so every
     tap is one (rows, Ho*Wq) multiply-add of a shifted slice with a per-row weight column; the
-    Wq - Wo junk columns are dropped while adding the bias."""
+    Wq - Wo junk columns are dropped while adding the bias. Small images gather the taps and
+    run one batched matmul instead, the bias being one more tap over a row of ones: the copy
+    that drops the junk columns then also applies the fused activation."""
     N, C = x.shape[:2]
     kh, kw = w.shape[2:]
     sh, sw = p["strides"]
@@ -277,19 +279,23 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
     src_b, off = _take(ws, 0, (P, chunk * C, R), x.dtype, xp)
     acc_b, off = _take(ws, off, (chunk * C, L), x.dtype, xp)
     rb = p["rb"]
+    fold = bool(rb) and b is not None  # the bias as one more tap over a row of ones
+    kb = kh * kw + fold
     if rb:  # gathered taps and one matmul: no per-tap temporary
-        cols_b, off = _take(ws, off, (rb, kh * kw, L), x.dtype, xp)
+        cols_b, off = _take(ws, off, (rb, kb, L), x.dtype, xp)
         tmp_b = acc_b
     else:
         tmp_b, off = _take(ws, off, (chunk * C, L), x.dtype, xp)
-    key = (chunk, id(w), None if b is None else id(b))
+    key = (chunk, id(w), None if b is None else id(b), fold)
     hit = cache.get(key)
     if hit is None or hit[0] is not w or hit[1] is not b or not const_input(node, 1) \
             or (b is not None and not const_input(node, 2)):
         # per-row weights and bias for a chunk of images, built once per constant weight
-        wt = xp.ascontiguousarray(xp.broadcast_to(w.reshape(1, C, kh * kw), (chunk, C, kh * kw))
-                                  .reshape(chunk * C, kh * kw))
-        bias = None if b is None else xp.ascontiguousarray(
+        wt = w.reshape(1, C, kh * kw)
+        if fold:
+            wt = xp.concatenate([wt, b.reshape(1, C, 1).astype(wt.dtype)], axis=2)
+        wt = xp.ascontiguousarray(xp.broadcast_to(wt, (chunk, C, kb)).reshape(chunk * C, kb))
+        bias = None if b is None or fold else xp.ascontiguousarray(
             xp.broadcast_to(b.reshape(1, C, 1, 1), (chunk, C, 1, 1)))
         cache.clear()
         hit = cache[key] = (w, b, wt, bias)
@@ -337,7 +343,9 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
                 cols = cols_b[:r1 - r0]
                 for k, ph, o in taps:
                     cols[:, k] = src[ph, r0:r1, o:o + L]
-                xp.matmul(wt[r0:r1].reshape(r1 - r0, 1, kh * kw), cols, out=acc[r0:r1].reshape(r1 - r0, 1, L))
+                if fold:
+                    cols[:, kh * kw] = 1
+                xp.matmul(wt[r0:r1].reshape(r1 - r0, 1, kb), cols, out=acc[r0:r1].reshape(r1 - r0, 1, L))
         for t, (k, ph, o) in enumerate(() if rb else taps):
             if t == 0:
                 xp.multiply(src[ph, :, o:o + L], wt[:, k:k + 1], out=acc)
@@ -348,6 +356,9 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
         dst = y[n0:n0 + nb]
         if bias_b is not None:
             xp.add(a4, bias_b[:nb], out=dst)
+        elif getattr(node, "post", None) is not None:  # the activation is the copy: one pass
+            _activate(xp, node.post, a4, dst)
+            continue
         else:
             dst[...] = a4
         apply_post(xp, node, dst)

@@ -160,11 +160,14 @@ def test_conv_activation_fusion():
     ((1, 6, 14, 15), dict(pads=[2, 2, 2, 2], strides=[3, 2], dilations=[2, 1])),
     ((2, 6, 5, 40), dict(pads=[1, 1, 1, 1], strides=[2, 2])),
     ((1, 6, 9, 9), dict(strides=[2, 2])),
+    ((2, 6, 9, 9), dict(pads=[1, 1, 1, 1])),
 ])
-def test_strided_depthwise_zeroes_every_border_of_a_reused_workspace(x_shape, attrs):
-    """The phase images are zeroed only where the input copy does not reach: poisoning the
-    arena (NaN bytes) between runs must not change the outputs."""
-    model, feeds = _conv_model(x_shape, (6, 1, 3, 3), group=6, **attrs)
+@pytest.mark.parametrize("bias,act", [(True, "Relu"), (False, "Relu"), (True, "Sigmoid"), (False, "Sigmoid")])
+def test_strided_depthwise_zeroes_every_border_of_a_reused_workspace(x_shape, attrs, bias, act):
+    """The phase images are zeroed only where the input copy does not reach, and the bias's
+    row of ones is written every run: poisoning the arena (NaN bytes) between runs must not
+    change the outputs (with and without a bias, with a fused activation and without)."""
+    model, feeds = _conv_model(x_shape, (6, 1, 3, 3), bias=bias, act=act, group=6, **attrs)
     sess = _check(model, feeds)
     (lay,) = sess._layouts.values()
     want = _ort(model, feeds)[0]
