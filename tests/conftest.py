@@ -78,3 +78,16 @@ def one_blas_thread():
         return
     with threadpool_limits(1):
         yield
+
+
+# lines a test module wants printed after the run (test_runtime_nodes.py: passes per op);
+# printed from this hook because output written during a test run is captured
+SUMMARY_KEY = pytest.StashKey[list]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    lines = config.stash.get(SUMMARY_KEY, None)
+    if lines:
+        terminalreporter.write_line("")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -20,6 +20,8 @@ import pytest
 from opc.runtime.onnx_backend import OpcBackend
 from opc.runtime.program import unsupported_ops
 
+from conftest import SUMMARY_KEY
+
 # Cases not run, each with the reason. Exotic element types are out of scope: NumPy/CuPy have
 # no arithmetic for them (they arrive as object arrays of ml_dtypes values).
 EXOTIC = re.compile(r"bfloat16|bf16|float8|FLOAT8|BFLOAT16|INT4|UINT4|int4|uint4|FLOAT4|float4|INT2|UINT2|"
@@ -77,22 +79,13 @@ def _op(case) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def _report(request):
     yield
-    rep = request.config.pluginmanager.get_plugin("terminalreporter")
-    if rep is None:
-        return
-    rep.write_line("")
-    rep.write_line(f"opc.runtime node tests: {sum(v[0] for v in RESULTS.values())} passed, "
-                   f"{sum(v[1] for v in RESULTS.values())} failed, {len(EXCLUDED)} excluded, "
-                   f"over {len(RESULTS)} ops (first node's op: passed/failed)")
-    line = []
-    for op in sorted(RESULTS):
-        p, f = RESULTS[op]
-        line.append(f"{op} {p}/{f}")
-        if len(line) == 8:
-            rep.write_line("  " + ", ".join(line))
-            line = []
-    if line:
-        rep.write_line("  " + ", ".join(line))
+    # printed by conftest's pytest_terminal_summary (output written here would be captured)
+    lines = [f"opc.runtime node tests: {sum(v[0] for v in RESULTS.values())} passed, "
+             f"{sum(v[1] for v in RESULTS.values())} failed, {len(EXCLUDED)} excluded, "
+             f"over {len(RESULTS)} ops (first node's op: passed/failed)"]
+    ops = [f"{op} {RESULTS[op][0]}/{RESULTS[op][1]}" for op in sorted(RESULTS)]
+    lines += ["  " + ", ".join(ops[i:i + 8]) for i in range(0, len(ops), 8)]
+    request.config.stash[SUMMARY_KEY] = lines
 
 
 def _compare(case, expected, got):
