@@ -532,10 +532,14 @@ def make_runner(group: Group, xp):
     return run
 
 
-def _cupy_runner(group: Group, xp, fallback):  # pragma: no cover - runs on a GPU only
+def _cupy_runner(group: Group, xp, fallback):
     cache = group.cache
 
     from opc.runtime.k_elementwise import broadcast_shapes
+
+    # the inlined scalar constants still take part in broadcasting: a (1, 1, 1) constant makes
+    # the output 3-D even when every input is 2-D, so the output shape counts them
+    const_shapes = [tuple(v.shape) for m in group.members for kind, v in m.args if kind == "c"]
 
     def run(ins, outs, ws):
         key = tuple(x.dtype for x in ins)
@@ -548,9 +552,38 @@ def _cupy_runner(group: Group, xp, fallback):  # pragma: no cover - runs on a GP
         kern, dtypes = hit
         if kern is None:
             return fallback(ins, outs, ws)
+        shape = broadcast_shapes(*[x.shape for x in ins], *const_shapes)
         o = outs[0] if outs is not None else None
-        if o is not None and (o.dtype != dtypes[-1] or o.shape != broadcast_shapes(*[x.shape for x in ins])):
-            o = None
-        # one launch; the output view may sit over an input of its own shape (read before written)
-        return kern(*ins, o) if o is not None else kern(*ins)
+        # ElementwiseKernel broadcasts inputs and outputs together and, unlike CuPy's ufuncs, does
+        # not copy an input that overlaps the output: an output over an input is safe only when it
+        # is that very input's memory read at the same index (same address, shape and strides)
+        if o is None or o.dtype != dtypes[-1] or tuple(o.shape) != shape or _unsafe_alias(o, ins):
+            o = xp.empty(shape, dtypes[-1])
+        return kern(*ins, o)
     return run
+
+
+def _byte_span(a) -> tuple[int, int]:
+    """[lo, hi) of the bytes ``a`` can touch, from its metadata only (no device access)."""
+    from opc.runtime.xp import data_ptr
+
+    lo = hi = data_ptr(a)
+    for n, st in zip(a.shape, a.strides):
+        if n == 0:
+            return lo, lo
+        if st < 0:
+            lo += (n - 1) * st
+        else:
+            hi += (n - 1) * st
+    return lo, hi + a.dtype.itemsize
+
+
+def _unsafe_alias(o, ins) -> bool:
+    olo, ohi = _byte_span(o)
+    for x in ins:
+        if not getattr(x, "size", 0) or olo >= ohi:
+            continue
+        lo, hi = _byte_span(x)
+        if lo < ohi and olo < hi and not (lo == olo and x.shape == o.shape and x.strides == o.strides):
+            return True
+    return False

@@ -445,6 +445,7 @@ class FakeElementwiseKernel:
     written in place), computing the body with the Python translator above."""
 
     made = []
+    calls = []  # the output argument of every launch
 
     def __init__(self, in_params, out_params, operation, name, preamble=""):
         assert preamble == CUDA_PREAMBLE and name == "opc_fused"
@@ -454,7 +455,13 @@ class FakeElementwiseKernel:
     def __call__(self, *args):
         n_in = len(self.src[0].split(", "))
         ins, out = args[:n_in], args[n_in:]
-        shape = np.broadcast_shapes(*[np.shape(a) for a in ins])
+        assert len(out) in (0, 1)
+        # as cupy/_core/_kernel.pyx: inputs and outputs broadcast together, and an output must
+        # have exactly the broadcast shape ("Out shape is mismatched")
+        shape = np.broadcast_shapes(*[np.shape(a) for a in args])
+        if out and out[0].shape != shape:
+            raise ValueError("Out shape is mismatched")
+        FakeElementwiseKernel.calls.append(out[0] if out else None)
         res = np.broadcast_to(_translate(self.src, [np.asarray(a) for a in ins]), shape)
         if out:
             np.copyto(out[0], res)
@@ -491,6 +498,57 @@ def test_cupy_runner_one_kernel_per_signature_output_in_place():
     h16 = h.astype(np.float16)
     np.testing.assert_array_equal(run([h16], None, None), st.fn([h16], None, None))
     assert len(FakeElementwiseKernel.made) == 1
+
+
+def test_cupy_runner_output_shape_counts_the_inlined_constants():
+    # a (1, 1, 1) scalar constant is inlined into the kernel body, yet it still raises the rank
+    nodes = [helper.make_node("Add", ["x", "c"], ["a"]), helper.make_node("Relu", ["a"], ["y"])]
+    model = make_model(nodes, [_vi("x", [2, 5])], [_vi("y", None)], [_const("c", np.full((1, 1, 1), -0.25))])
+    sess = rt.Session(model, backend="numpy", fuse=True)
+    (st,) = _fused_steps(sess)
+    x = np.random.default_rng(3).standard_normal((2, 5)).astype(np.float32)
+    want = rt.Session(model, backend="numpy", fuse=False).run(None, {"x": x})[0]
+    assert want.shape == (1, 2, 5)
+    run = fuse.make_runner(st.node.group, FakeCupy())
+    got = run([x], None, None)
+    assert got.shape == (1, 2, 5)
+    np.testing.assert_array_equal(got, want)
+    out = np.empty((1, 2, 5), np.float32)
+    assert run([x], [out], None) is out  # the arena's view of the right shape is written, not replaced
+    np.testing.assert_array_equal(out, want)
+
+
+def test_cupy_runner_output_over_an_input():
+    # ElementwiseKernel does not copy inputs that overlap the output (CuPy's ufuncs do)
+    nodes = [helper.make_node("Add", ["x", "b"], ["a"]), helper.make_node("Tanh", ["a"], ["y"])]
+    model = make_model(nodes, [_vi("x", [4, 8]), _vi("b", [1, 8])], [_vi("y", None)])
+    sess = rt.Session(model, backend="numpy", fuse=True)
+    (st,) = _fused_steps(sess)
+    run = fuse.make_runner(st.node.group, FakeCupy())
+    rng = np.random.default_rng(4)
+    x, b = rng.standard_normal((4, 8)).astype(np.float32), rng.standard_normal((1, 8)).astype(np.float32)
+    want = np.tanh(x + b)
+    # the output over the same input, element for element: written in place
+    xi = x.copy()
+    assert run([xi, b], [xi], None) is xi
+    np.testing.assert_allclose(xi, want, rtol=1e-6)
+    # the output over the broadcast input's memory: a fresh output, the view left alone
+    buf = np.zeros(32, np.float32)
+    bb, view = buf[:8].reshape(1, 8), buf.reshape(4, 8)
+    bb[...] = b
+    FakeElementwiseKernel.calls.clear()
+    got = run([x, bb], [view], None)
+    assert got is not view and FakeElementwiseKernel.calls[-1] is got
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_array_equal(buf[:8], b.reshape(-1))
+    # an output shifted by one row over the same-shaped input: fresh as well
+    buf2 = np.zeros(40, np.float32)
+    xs, shifted = buf2[:32].reshape(4, 8), buf2[8:].reshape(4, 8)
+    xs[...] = x
+    got = run([xs, b], [shifted], None)
+    assert got is not shifted
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert not fuse._unsafe_alias(np.empty((4, 8)), [x, b])
 
 
 def test_cupy_runner_on_random_trees():
