@@ -236,7 +236,13 @@ def _scatter_reduce(xp, data, idx, upd, red):
     elif red == "add":
         xp.add.at(data, idx, upd)
     elif red == "mul":
-        xp.multiply.at(data, idx, upd)
+        try:
+            xp.multiply.at(data, idx, upd)
+        except NotImplementedError:
+            # CuPy scatters only add/subtract/maximum/minimum (cupy.multiply.at raises): on the host
+            h = to_host(data).copy()
+            np.multiply.at(h, tuple(to_host(i) for i in idx), to_host(upd))
+            xp.copyto(data, xp.asarray(h))
     elif red == "max":
         xp.maximum.at(data, idx, upd)
     elif red == "min":

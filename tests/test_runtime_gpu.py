@@ -550,3 +550,29 @@ def test_gpu_benchmark_script_runs_end_to_end_with_fakes(monkeypatch):
     assert row["opc_arena_mib"] > 0 and row["torch_activation_mib"] == 1.0
     assert set(row) >= {"opc_cupy_ms", "opc_no_graph_ms", "torch_eager_ms", "opc/torch", "opc_activation_mib",
                         "opc/torch_memory"}
+
+
+def test_scatter_mul_where_multiply_at_is_missing():
+    """cupy.multiply.at raises NotImplementedError (CuPy's ufunc.at scatters add, subtract,
+    maximum and minimum only): ScatterElements' reduction="mul" must still be right there."""
+    import types
+
+    from opc.runtime.k_tensor import _scatter_reduce
+
+    class NoMulAt:
+        def __call__(self, *a, **k):
+            return np.multiply(*a, **k)
+
+        def at(self, *a):
+            raise NotImplementedError("`multiply.at` is not supported yet")
+
+    fake = types.SimpleNamespace(multiply=NoMulAt(), asarray=np.asarray, copyto=np.copyto)
+    rng = np.random.default_rng(5)
+    data = rng.standard_normal((4, 3)).astype(np.float32)
+    idx = (np.array([[0, 0, 3], [0, 2, 3]]), np.broadcast_to(np.arange(3), (2, 3)))  # duplicates multiply
+    upd = rng.standard_normal((2, 3)).astype(np.float32)
+    want = data.copy()
+    np.multiply.at(want, idx, upd)
+    got = data.copy()
+    _scatter_reduce(fake, got, idx, upd, "mul")
+    np.testing.assert_array_equal(got, want)
