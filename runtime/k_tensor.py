@@ -258,8 +258,10 @@ def _scatter_el(node, xp):
         axis = node.a("axis", 0) % x.ndim
         y = x.copy()
         idx = xp.where(idx < 0, idx + x.shape[axis], idx).astype(xp.int64)
-        full = list(xp.indices(idx.shape, sparse=True)) if idx.ndim else []
-        full = [xp.broadcast_to(f, idx.shape) for f in full]
+        # the open grids of np.indices(..., sparse=True), built by hand: cupy.indices has no sparse=
+        nd = idx.ndim
+        full = [xp.broadcast_to(xp.arange(n).reshape((1,) * k + (n,) + (1,) * (nd - k - 1)), idx.shape)
+                for k, n in enumerate(idx.shape)]
         full[axis] = idx
         _scatter_reduce(xp, y, tuple(full), upd, red)
         return y

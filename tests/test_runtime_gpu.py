@@ -576,3 +576,50 @@ def test_scatter_mul_where_multiply_at_is_missing():
     got = data.copy()
     _scatter_reduce(fake, got, idx, upd, "mul")
     np.testing.assert_array_equal(got, want)
+
+
+# keyword arguments a kernel passes only on a branch that runs on NumPy (``is_numpy(xp)``)
+_NUMPY_ONLY_KEYWORDS = {("take", "mode")}  # k_tensor Gather: the cache of checked indices is NumPy-only
+
+
+def test_xp_keyword_arguments_exist_in_the_installed_cupy():
+    """The portability test checks names; this checks the keywords: ``xp.f(..., kw=)`` in the
+    runtime must name a parameter of ``cupy.f`` (cupy.indices has no ``sparse=``, cupy.take no
+    ``mode=``), read from the installed CuPy's signatures or, for Cython functions, the first
+    line of their docstrings."""
+    import ast
+    import inspect
+    import pathlib
+    import re
+
+    cupy = pytest.importorskip("cupy", reason="the signatures come from the installed CuPy")
+    root = pathlib.Path(rt.__file__).parent
+    bad, checked = [], 0
+    for path in sorted(root.glob("*.py")):
+        for n in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.keywords):
+                continue
+            chain, v = [n.func.attr], n.func.value
+            while isinstance(v, ast.Attribute):
+                chain.insert(0, v.attr)
+                v = v.value
+            if not (isinstance(v, ast.Name) and v.id == "xp"):
+                continue
+            obj = cupy
+            for part in chain:
+                obj = getattr(obj, part, None)
+            if obj is None:
+                continue  # a missing name is test_runtime_portability's business
+            try:
+                sig = str(inspect.signature(obj))
+            except (TypeError, ValueError):
+                sig = (obj.__doc__ or "").strip().split("\n")[0]
+            if "**" in sig:
+                continue
+            name = ".".join(chain)
+            for k in n.keywords:
+                checked += 1
+                if k.arg and not re.search(rf"\b{k.arg}\b", sig) and (name, k.arg) not in _NUMPY_ONLY_KEYWORDS:
+                    bad.append(f"{path.name}:{n.lineno} xp.{name}(..., {k.arg}=): cupy.{name}{sig}")
+    assert checked > 50
+    assert not bad, "\n".join(bad)
