@@ -152,6 +152,10 @@ def gpu_rows(models: list[str], batch: int, repeats: int) -> list[dict]:  # prag
     pool = cupy.get_default_memory_pool()
     tracker = _PeakAllocator(pool)
     cupy.cuda.set_allocator(tracker.malloc)
+    # fp32 against fp32: PyTorch convolutions use TF32 tensor cores by default on Ampere and later
+    # (torch.backends.cudnn.allow_tf32 is True); CuPy's GEMMs are full fp32 (CUPY_TF32 unset)
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
     for name in models:
         model = load_model(common.zoo_model(name))
@@ -215,6 +219,7 @@ def gpu_rows(models: list[str], batch: int, repeats: int) -> list[dict]:  # prag
         pool.free_all_blocks()
         torch.cuda.empty_cache()
     cupy.cuda.set_allocator(pool.malloc)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     return rows
 
 
@@ -268,6 +273,7 @@ def _gpu_table(args) -> None:
                   settings={"repeats": args.repeats, "gpu": props["name"].decode(), "cupy": cupy.__version__},
                   notes=["targets (issue 8): opc/torch <= 1 (latency), opc/torch_memory <= 1 (activation memory)",
                          "latency: median of interleaved calls, each followed by a device synchronization",
+                         "PyTorch with TF32 off (cuDNN and cuBLAS): fp32 on both sides",
                          "activation: steady-state device bytes above weights and feeds; opc: held arena + "
                          "outputs + transient peak of a run + the CUDA graph's pool; PyTorch: max_memory_allocated "
                          "over one forward"],

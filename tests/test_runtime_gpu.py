@@ -543,7 +543,17 @@ def test_gpu_benchmark_script_runs_end_to_end_with_fakes(monkeypatch):
         monkeypatch.setattr(torch.cuda, name, value)
     monkeypatch.setattr(torch.nn.Module, "cuda", lambda self: self)
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self: self)
+    seen_tf32 = []
+    real_forward = torch.nn.Module.__call__
+
+    def forward(self, *a, **k):
+        seen_tf32.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return real_forward(self, *a, **k)
+    monkeypatch.setattr(torch.nn.Module, "__call__", forward)
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     rows = bench.gpu_rows(["bert-tiny"], 2, 2)
+    assert seen_tf32 and set(seen_tf32) == {(False, False)}  # PyTorch timed in fp32, as CuPy runs
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
     (row,) = rows
     assert row["cuda_graph"] == "replayed" and row["fused_steps"] > 0
     assert row["max_rel_vs_torch"] < 1e-4  # the ONNX export's outputs against the module's
