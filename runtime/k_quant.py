@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from opc.runtime import k_nn
-from opc.runtime.registry import kernel, np_dtype
+from opc.runtime.registry import kernel, np_dtype, out_if
 
 _INT_TYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32)
 
@@ -71,6 +71,59 @@ def _dequantize(node, xp):
         y = v * s
         return y.astype(np_dtype(out_dt) if out_dt else scale.dtype, copy=False)
     return run
+
+
+FAKE_QUANT_OP = "QuantizeDequantize"
+FAKE_QUANT_TYPES = (np.int8, np.uint8, np.int16, np.uint16)  # bounds exact in float32
+
+
+def fake_quant(node, xp, scale, zp, dtype, fallback):
+    """One float step for QuantizeLinear -> DequantizeLinear with the same constant ``scale``
+    (float32, > 0) and zero point ``zp`` (None: 0) into integer ``dtype``, bit-identical to the
+    two kernels: ``(clip(rint(x / s) + zp, lo, hi) - zp) * s`` computed as
+    ``clip(rint(x / s), lo - zp, hi - zp) * s + 0``, in place in the output buffer. The shifted
+    bounds are exact (integers in float32), and ``rint(x / s) + zp`` only loses exactness far past
+    the bounds, where both forms saturate; the final ``+ 0`` turns rint's -0.0 into the +0.0
+    that ``q - zp`` gives. A float32 input only: any other (float16, bfloat16, float64) runs
+    ``fallback`` (the two kernels, as unfused). NaN is the one input where the results differ:
+    the two-step path casts NaN to an integer (undefined; NumPy gives a platform value), the
+    fused step keeps NaN."""
+    info = np.iinfo(dtype)
+    axis = node.a("axis", 1)
+    zpf = np.zeros((), np.float32) if zp is None else np.asarray(_host(zp)).astype(np.float32)
+    lo_h, hi_h = np.float32(info.min) - zpf, np.float32(info.max) - zpf
+    per_tensor = scale.size == 1
+    if per_tensor:
+        lo, hi = float(lo_h.reshape(-1)[0]), float(hi_h.reshape(-1)[0])  # exact: small integers
+        s0 = scale.reshape(())
+    else:
+        lo, hi = xp.asarray(lo_h.reshape(scale.shape)), xp.asarray(hi_h.reshape(scale.shape))
+    shaped = {}
+
+    def run(ins, outs, ws):
+        x = ins[0]
+        if x.dtype != np.float32:
+            return fallback(ins)
+        if per_tensor:
+            s, a, b = s0, lo, hi
+        else:
+            got = shaped.get(x.ndim)
+            if got is None:
+                got = shaped[x.ndim] = tuple(_param(xp, v, x, axis, 0) for v in (scale, lo, hi))
+            s, a, b = got
+        o = out_if(outs, 0, x.shape, x.dtype)
+        o = xp.divide(x, s, out=o)
+        xp.rint(o, out=o)
+        xp.clip(o, a, b, out=o)
+        xp.multiply(o, s, out=o)
+        xp.add(o, 0.0, out=o)
+        return o
+    return run
+
+
+def _host(a):
+    get = getattr(a, "get", None)
+    return get() if get is not None else a
 
 
 @kernel("DynamicQuantizeLinear")

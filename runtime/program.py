@@ -19,6 +19,7 @@ from opc.errors import ModelError
 from opc.runtime import registry
 from opc.runtime.k_rnn import fuse_stacked_lstm
 from opc.runtime.fuse import fuse_elementwise
+from opc.runtime.k_quant import FAKE_QUANT_OP, FAKE_QUANT_TYPES, fake_quant
 from opc.runtime.registry import KERNELS, Node, attr_value
 from opc.runtime.values import feed_value, is_host_object
 from opc.runtime.xp import register_host, unregister_host
@@ -53,6 +54,7 @@ class Program:
     folded: int = 0  # steps computed once at load (constant inputs only)
     fused: int = 0  # activation steps merged into the preceding Conv
     fused_elementwise: int = 0  # elementwise steps merged into a FusedElementwise step (runtime/fuse.py)
+    fused_qdq: int = 0  # QuantizeLinear -> DequantizeLinear pairs run as one fake-quant step
 
     def slot(self, name: str) -> int:
         s = self.slots.get(name)
@@ -118,9 +120,10 @@ def unsupported_ops(graph: onnx.GraphProto) -> list[str]:
 
 
 def compile_graph(graph: onnx.GraphProto, xp, opsets: dict[str, int], outer: set[str] | None = None,
-                  overridable: frozenset = frozenset(), fuse: bool = True) -> Program:
+                  overridable: frozenset = frozenset(), fuse: bool = True, fuse_qdq: bool = True) -> Program:
     """Compile ``graph``; ``outer`` holds names visible from enclosing scopes (subgraphs);
-    ``fuse=False`` keeps elementwise chains as separate steps (tests, benchmarks)."""
+    ``fuse=False`` keeps elementwise chains as separate steps (tests, benchmarks);
+    ``fuse_qdq=False`` keeps activation QuantizeLinear -> DequantizeLinear pairs as two steps."""
     bad = unsupported_ops(graph)
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
@@ -174,7 +177,7 @@ def compile_graph(graph: onnx.GraphProto, xp, opsets: dict[str, int], outer: set
         if subs:
             visible = (outer or set()) | defined
             for key, g in subs.items():
-                sub = compile_graph(g, xp, opsets, visible, fuse=fuse)
+                sub = compile_graph(g, xp, opsets, visible, fuse=fuse, fuse_qdq=fuse_qdq)
                 node.subgraphs[key] = sub
                 for c in sub.captures:
                     if c not in node.captures:
@@ -205,6 +208,8 @@ def compile_graph(graph: onnx.GraphProto, xp, opsets: dict[str, int], outer: set
     for st in p.steps:
         st.node.const_ins = tuple(s >= 0 and s in p.consts and s not in over for s in st.ins)
     graph_outputs = {p.slots[o.name] for o in graph.output if o.name in p.slots}
+    if fuse_qdq:
+        _fuse_qdq(p, graph_outputs | set(p.capture_slots), set(p.consts) - over)
     _fuse_activations(p, graph_outputs)
     p.fused += fuse_stacked_lstm(p, graph_outputs)  # LSTM -> Squeeze -> LSTM: one wavefront step
     if fuse:
@@ -328,6 +333,90 @@ def _fuse_activations(p: Program, graph_outputs: set[int]) -> None:
     if drop:
         p.steps = [st for i, st in enumerate(p.steps) if i not in drop]
         p.fused = len(drop)
+
+
+def _fuse_qdq(p: Program, keep: set[int], const: set[int]) -> None:
+    """QuantizeLinear whose only reader is a DequantizeLinear with the same constant scale and
+    zero point (per tensor or per axis, not blocked): one float step (``k_quant.fake_quant``)
+    replaces both, at the QuantizeLinear's position, and the integer tensor is never made.
+    Not fused: an integer output that is a graph output or has another reader, a scale that
+    is not float32 > 0, an integer type other than (u)int8/(u)int16 (int32 bounds are not exact
+    in float32), a DequantizeLinear asked for another output dtype."""
+    readers: dict[int, list[int]] = {}
+    for i, st in enumerate(p.steps):
+        for s in st.ins:
+            if s >= 0:
+                readers.setdefault(s, []).append(i)
+    drop = set()
+    for i, st in enumerate(p.steps):
+        pair = _qdq_pair(p, st, readers, keep, const)
+        if pair is None:
+            continue
+        dq, scale, zp, dtype = pair
+        q_fn, dq_fn, dq_consts = st.fn, dq.fn, [p.consts[s] for s in dq.ins[1:]]
+
+        def fallback(ins, q_fn=q_fn, dq_fn=dq_fn, dq_consts=dq_consts):
+            return dq_fn([q_fn(ins, None, None)] + dq_consts, None, None)
+
+        n = st.node
+        node = Node(FAKE_QUANT_OP, "", n.name or n.outputs[0], list(n.inputs), list(dq.node.outputs),
+                    dict(n.attrs), n.opset)
+        node.captures = []
+        node.const_ins = getattr(n, "const_ins", ())
+        node.members = [n, dq.node]
+        fn = fake_quant(node, p.xp, scale, zp, dtype, fallback)
+        p.steps[i] = Step(node, registry.Spec(build=None), fn, list(st.ins), list(dq.outs), st.index)
+        drop.add(readers[st.outs[0]][0])
+    if drop:
+        p.steps = [st for i, st in enumerate(p.steps) if i not in drop]
+    p.fused_qdq = len(drop)
+
+
+def _qdq_pair(p: Program, st, readers, keep: set[int], const: set[int]):
+    """(DequantizeLinear step, scale, zero point or None, integer dtype) when ``st`` fuses."""
+    n = st.node
+    if n.op_type != "QuantizeLinear" or n.domain or len(st.outs) != 1 or not 2 <= len(st.ins) <= 3:
+        return None
+    out = st.outs[0]
+    users = readers.get(out, [])
+    if out < 0 or out in keep or len(users) != 1:
+        return None
+    dq = p.steps[users[0]]
+    d = dq.node
+    if d.op_type != "DequantizeLinear" or d.domain or len(dq.ins) != len(st.ins) or dq.ins[0] != out \
+            or out in dq.ins[1:] or len(dq.outs) != 1 or dq.outs[0] < 0:
+        return None
+    if n.a("block_size", 0) or d.a("block_size", 0) or d.a("output_dtype", 0) not in (0, onnx.TensorProto.FLOAT):
+        return None
+    if any(s < 0 or s not in const for s in st.ins[1:] + dq.ins[1:]):
+        return None
+    qs, ds = p.consts[st.ins[1]], p.consts[dq.ins[1]]
+    hs = np.asarray(_host(qs))
+    if hs.dtype != np.float32 or not _same(hs, _host(ds)) or not (np.isfinite(hs).all() and (hs > 0).all()):
+        return None
+    if hs.size > 1 and (hs.ndim != 1 or n.a("axis", 1) != d.a("axis", 1)):
+        return None
+    zp = None
+    if len(st.ins) == 3:
+        zp = p.consts[st.ins[2]]
+        hz = np.asarray(_host(zp))
+        if not _same(hz, _host(p.consts[dq.ins[2]])) or hz.size != hs.size:
+            return None
+        dtype = hz.dtype
+    else:
+        out_dt = n.a("output_dtype", 0)
+        try:
+            dtype = registry.np_dtype(out_dt) if out_dt else np.dtype(np.uint8)
+        except Exception:
+            return None
+    if dtype.type not in FAKE_QUANT_TYPES:
+        return None
+    return dq, qs, zp, dtype
+
+
+def _same(a, b) -> bool:
+    b = np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
 
 
 _MATMUL_POST = {"Add": "add", "Mul": "multiply", "Sub": "subtract", "Div": "divide"}

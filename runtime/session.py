@@ -90,7 +90,7 @@ class Session:
 
     def __init__(self, model_or_path, backend: str = "auto", *, threads: int | None = None,
                  use_arena: bool = True, use_model_plan: bool = True, plan_on_the_fly: bool = True,
-                 fuse: bool | None = None, cuda_graphs: bool | None = None):
+                 fuse: bool | None = None, cuda_graphs: bool | None = None, fuse_qdq: bool = True):
         """``threads`` limits the BLAS threads during ``run`` (None: leave the library's setting);
         ``use_arena=False`` runs every time with freshly allocated results. The arena layout is
         the memory plan stored in the model when it matches the graph and fits this input
@@ -100,7 +100,9 @@ class Session:
         elementwise ops into one step (``opc.runtime.fuse``; None: on CuPy, where it saves
         kernel launches and memory traffic, off on NumPy, where it measured no faster).
         ``cuda_graphs`` (CuPy; None: on) captures a signature's steady-state run as a CUDA graph
-        and replays it (``opc.runtime.gpu_graph``)."""
+        and replays it (``opc.runtime.gpu_graph``). ``fuse_qdq=False`` runs every activation
+        QuantizeLinear -> DequantizeLinear pair as two steps (tests, benchmarks) instead of one
+        fake-quant step."""
         self.xp = array_module(backend)
         self.threads = threads
         self.backend = "numpy" if is_numpy(self.xp) else "cupy"
@@ -115,7 +117,8 @@ class Session:
         # constants are folded at load; a feed that overrides an initializer (IR < 4 models
         # list them as inputs) runs an unfolded copy of the plan instead, without the arena
         self.fuse = fuse = (self.backend == "cupy") if fuse is None else bool(fuse)
-        self.program = compile_graph(model.graph, self.xp, opset_map(model), fuse=fuse)
+        self.fuse_qdq = bool(fuse_qdq)
+        self.program = compile_graph(model.graph, self.xp, opset_map(model), fuse=fuse, fuse_qdq=self.fuse_qdq)
         self._unfolded = None
         self._inputs = _value_args([i for i in model.graph.input if i.name not in inits])
         self._outputs = _value_args(model.graph.output)
@@ -213,7 +216,7 @@ class Session:
         if self._unfolded is None:
             m = self._model
             self._unfolded = compile_graph(m.graph, self.xp, opset_map(m), overridable=frozenset(self._overridable),
-                                           fuse=self.fuse)
+                                           fuse=self.fuse, fuse_qdq=self.fuse_qdq)
         p = self._unfolded
         saved = dict(p.consts)
         try:
