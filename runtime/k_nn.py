@@ -286,7 +286,10 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
         tmp_b = acc_b
     else:
         tmp_b, off = _take(ws, off, (chunk * C, L), x.dtype, xp)
-    key = (chunk, id(w), None if b is None else id(b), fold)
+    # one entry per chunk size (i.e. per batch size), never dropped for another: a CUDA graph
+    # captured for one input signature reads its entry's arrays on every replay, so a run of
+    # another signature must not free them (the pool would hand their memory out again)
+    key = ("rows", chunk, fold)
     hit = cache.get(key)
     if hit is None or hit[0] is not w or hit[1] is not b or not const_input(node, 1) \
             or (b is not None and not const_input(node, 2)):
@@ -297,7 +300,6 @@ def _depthwise_wide(xp, node, x, w, b, y, p, ws, cache):
         wt = xp.ascontiguousarray(xp.broadcast_to(wt, (chunk, C, kb)).reshape(chunk * C, kb))
         bias = None if b is None or fold else xp.ascontiguousarray(
             xp.broadcast_to(b.reshape(1, C, 1, 1), (chunk, C, 1, 1)))
-        cache.clear()
         hit = cache[key] = (w, b, wt, bias)
     wt_b, bias_b = hit[2], hit[3]
     taps = []

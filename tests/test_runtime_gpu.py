@@ -633,3 +633,47 @@ def test_xp_keyword_arguments_exist_in_the_installed_cupy():
                     bad.append(f"{path.name}:{n.lineno} xp.{name}(..., {k.arg}=): cupy.{name}{sig}")
     assert checked > 50
     assert not bad, "\n".join(bad)
+
+
+def test_depthwise_rows_kept_per_batch_size():
+    """A CUDA graph captured for one input signature reads the depthwise conv's per-row weights
+    on every replay: a run of another batch size must build its own and leave those alive (a
+    single-entry cache freed them, and CuPy's pool hands freed memory to the next allocation)."""
+    from opc.runtime import k_nn
+
+    class Counting:
+        _opc_numpy = True
+        __name__ = "numpy-counting"
+        calls = 0
+
+        def __getattr__(self, name):
+            f = getattr(np, name)
+            if name != "ascontiguousarray":
+                return f
+
+            def call(*a, **k):
+                Counting.calls += 1
+                return f(*a, **k)
+            return call
+
+    C = 8
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], group=C, pads=[1, 1, 1, 1])]
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array(rng.standard_normal((C, 1, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(C).astype(np.float32), "b")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", C, 6, 6])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    sess = rt.Session(model, backend=Counting(), fuse=False)
+    plan = k_nn._conv_plan(sess.program.steps[0].node, (1, C, 6, 6), (C, 1, 3, 3), 4)
+    assert plan["kind"] == "depthwise_wide" and plan["rb"]  # the gathered-taps path under test
+    feeds = {n: {"x": rng.standard_normal((n, C, 6, 6)).astype(np.float32)} for n in (1, 4)}
+    ref = rt.Session(model, backend="numpy", fuse=False)
+    for n in (1, 4, 1, 4):  # traced, then in the arena, for both
+        sess.run(None, feeds[n])
+    counts = []
+    for n in (1, 1, 4, 4, 1):
+        before = Counting.calls
+        got = sess.run(None, feeds[n])
+        counts.append(Counting.calls - before)
+        np.testing.assert_allclose(got[0], ref.run(None, feeds[n])[0], rtol=1e-5, atol=1e-5)
+    assert counts[0] == counts[1] and counts[2] == counts[3] and counts[4] == counts[0], counts
