@@ -86,7 +86,23 @@ def _weights(kind, xo, in_len, scale, A, exclude, antialias):
     return W
 
 
-def _resize(node, xp, x, roi, scales, sizes, opset):
+_DEV_CACHE_MAX = 64  # device copies of index/weight tables per node (entries are never dropped)
+
+
+def _dev(xp, cache, key, make):
+    """``xp.asarray(make())``, remembered per node: a steady-state run then copies nothing from
+    the host (on CuPy an H2D copy inside a captured CUDA graph would replay from a pinned staging
+    buffer that CuPy has since reused). Never evicted, since a captured graph keeps reading the
+    entry; past the cap, fresh copies."""
+    hit = cache.get(key) if cache is not None else None
+    if hit is None:
+        hit = xp.asarray(make())
+        if cache is not None and len(cache) < _DEV_CACHE_MAX:
+            cache[key] = hit
+    return hit
+
+
+def _resize(node, xp, x, roi, scales, sizes, opset, cache=None):
     nd = x.ndim
     axes = list(node.a("axes") or range(nd))
     axes = [a % nd for a in axes]
@@ -125,6 +141,7 @@ def _resize(node, xp, x, roi, scales, sizes, opset):
         n_in, n_out = in_shape[i], out_shape[i]
         if n_in == n_out and scl[i] == 1.0 and ctm != "tf_crop_and_resize":
             continue
+        key = (a, n_in, n_out, scl[i], roi_pairs[i] if roi_pairs else None)
         xo = _orig(ctm, np.arange(n_out, dtype=np.float64), scl[i], n_in, n_out,
                    roi_pairs[i] if roi_pairs else None)
         if ctm == "tf_crop_and_resize":
@@ -134,15 +151,17 @@ def _resize(node, xp, x, roi, scales, sizes, opset):
             bad = bad.reshape(shape)
             outside = bad if outside is None else (outside | bad)
         if mode == "nearest":
-            idx = np.clip(_nearest(nmode, xo), 0, n_in - 1).astype(np.int64)
-            y = xp.take(y, xp.asarray(idx), axis=a)
+            idx = _dev(xp, cache, ("idx",) + key, lambda: np.clip(_nearest(nmode, xo), 0, n_in - 1).astype(np.int64))
+            y = xp.take(y, idx, axis=a)
         else:
-            W = _weights(mode, xo, n_in, scl[i], A, exclude, antialias)
             ft = y.dtype if y.dtype.kind == "f" else np.dtype(np.float64)
+            Wt = _dev(xp, cache, ("w", ft) + key,
+                      lambda: _weights(mode, xo, n_in, scl[i], A, exclude, antialias).T.astype(ft))
             moved = xp.moveaxis(y.astype(ft, copy=False), a, -1)
-            y = xp.moveaxis(xp.matmul(moved, xp.asarray(W.T.astype(ft))), -1, a)
+            y = xp.moveaxis(xp.matmul(moved, Wt), -1, a)
     if outside is not None:
-        y = xp.where(xp.asarray(outside), xp.asarray(np.array(extrap, dtype=y.dtype)), y)
+        okey = ("outside", nd, tuple(axes), tuple(in_shape), tuple(out_shape), tuple(scl), tuple(roi_pairs or ()))
+        y = xp.where(_dev(xp, cache, okey, lambda: outside), y.dtype.type(extrap), y)
     if y.dtype != x.dtype:
         if x.dtype.kind in "iu":
             info = np.iinfo(x.dtype)
@@ -153,20 +172,24 @@ def _resize(node, xp, x, roi, scales, sizes, opset):
 
 @kernel("Resize")
 def _resize_k(node, xp):
+    cache = {}
+
     def run(ins, outs, ws):
         x = ins[0]
         if node.opset < 11:
-            return _resize(node, xp, x, None, to_host(ins[1]), None, node.opset)
+            return _resize(node, xp, x, None, to_host(ins[1]), None, node.opset, cache)
         roi = to_host(ins[1]) if len(ins) > 1 and ins[1] is not None else None
         scales = to_host(ins[2]) if len(ins) > 2 and ins[2] is not None and ins[2].size else None
         sizes = to_host(ins[3]) if len(ins) > 3 and ins[3] is not None else None
-        return _resize(node, xp, x, roi, scales, sizes, node.opset)
+        return _resize(node, xp, x, roi, scales, sizes, node.opset, cache)
     return run
 
 
 @kernel("Upsample")
 def _upsample(node, xp):
+    cache = {}
+
     def run(ins, outs, ws):
         scales = to_host(ins[1]) if len(ins) > 1 else np.asarray(node.a("scales"))
-        return _resize(node, xp, ins[0], None, scales, None, 10)
+        return _resize(node, xp, ins[0], None, scales, None, 10, cache)
     return run
