@@ -701,6 +701,14 @@ def _pool(xp, node, x, kind, K, p_norm=2):
         return (y ** (1.0 / p_norm)).astype(x.dtype, copy=False)
     if kind == "avg":
         include = bool(node.a("count_include_pad", 0))
+        # the divisors depend on the shape only: copied to the device once per shape and kept
+        # (never evicted: a CUDA graph captured for this shape reads them on every replay; a copy
+        # from the host inside a capture would replay from CuPy's reused pinned staging buffer)
+        dev = node.__dict__.setdefault("_opc_avg_divisors", {})
+        hit = dev.get((x.shape, x.dtype))
+        if hit is not None:
+            y /= hit
+            return y
         mask = np.zeros(sp, dtype=np.float64)
         if include:
             inner = tuple(slice(0, min(sp[i], pads[i] + x.shape[2 + i] + pads[i + nsp])) for i in range(nsp))
@@ -711,7 +719,10 @@ def _pool(xp, node, x, kind, K, p_norm=2):
         for kk in itertools.product(*[range(k) for k in K]):
             v = mask[tuple(_window(kk[i], dil[i], strides[i], outs[i]) for i in range(nsp))]
             cnt = v.copy() if cnt is None else cnt + v
-        y /= xp.asarray(np.maximum(cnt, 1).astype(x.dtype))
+        div = xp.asarray(np.maximum(cnt, 1).astype(x.dtype))
+        if len(dev) < 64:
+            dev[(x.shape, x.dtype)] = div
+        y /= div
     return y
 
 

@@ -695,3 +695,15 @@ def test_resize_copies_nothing_from_the_host_in_a_steady_run(device_xp, mode, ct
     feeds = {"x": np.random.default_rng(7).standard_normal((1, 2, 4, 5)).astype(np.float32)}
     events, _ = _steady_events(model, device_xp, feeds=feeds)
     assert not any("host-to-device" in e for e in events), events
+
+
+@pytest.mark.parametrize("include", [0, 1])
+def test_average_pool_divisors_copied_once(device_xp, include):
+    # AveragePool with pads: the per-position divisors are host-made; copied once per shape
+    nodes = [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                              strides=[2, 2], count_include_pad=include)]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 7, 6])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    feeds = {"x": np.random.default_rng(8).standard_normal((2, 3, 7, 6)).astype(np.float32)}
+    events, _ = _steady_events(model, device_xp, feeds=feeds)
+    assert not any("host-to-device" in e for e in events), events
