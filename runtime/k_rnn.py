@@ -364,14 +364,10 @@ def fuse_stacked_lstm(p, graph_outputs: set[int]) -> int:
     """LSTM -> Squeeze(axis 1) -> LSTM -> ... chains (stacked forward layers whose inner outputs
     feed only the next layer) become one step running the layers as a wavefront
     (``_stacked_lstm``). Returns the number of steps removed."""
-    from opc.runtime.program import Step
+    from opc.runtime.program import Step, step_readers
     from opc.runtime.registry import KERNELS, Node, Spec
 
-    readers: dict[int, list[int]] = {}
-    for i, st in enumerate(p.steps):
-        for s in st.ins:
-            if s >= 0:
-                readers.setdefault(s, []).append(i)
+    readers = step_readers(p)
 
     def unused(s):
         return s < 0 or (s not in graph_outputs and not readers.get(s))

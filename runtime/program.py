@@ -251,14 +251,20 @@ def _compute_release(p: Program) -> None:
 _FUSABLE = {"Conv"}
 
 
-def _fuse_activations(p: Program, graph_outputs: set[int]) -> None:
-    """Conv followed by its only consumer Relu / Clip (constant bounds): the conv applies the
-    activation in place on its output (on hot cache) and the activation step disappears."""
+def step_readers(p: Program) -> dict[int, list[int]]:
+    """slot -> indices of the steps that read it."""
     readers: dict[int, list[int]] = {}
     for i, st in enumerate(p.steps):
         for s in st.ins:
             if s >= 0:
                 readers.setdefault(s, []).append(i)
+    return readers
+
+
+def _fuse_activations(p: Program, graph_outputs: set[int]) -> None:
+    """Conv followed by its only consumer Relu / Clip (constant bounds): the conv applies the
+    activation in place on its output (on hot cache) and the activation step disappears."""
+    readers = step_readers(p)
     drop = set()
     for i, st in enumerate(p.steps):
         if st.node.op_type not in _FUSABLE or st.node.domain or len(st.outs) != 1:
@@ -342,11 +348,7 @@ def _fuse_qdq(p: Program, keep: set[int], const: set[int]) -> None:
     Not fused: an integer output that is a graph output or has another reader, a scale that
     is not float32 > 0, an integer type other than (u)int8/(u)int16 (int32 bounds are not exact
     in float32), a DequantizeLinear asked for another output dtype."""
-    readers: dict[int, list[int]] = {}
-    for i, st in enumerate(p.steps):
-        for s in st.ins:
-            if s >= 0:
-                readers.setdefault(s, []).append(i)
+    readers = step_readers(p)
     drop = set()
     for i, st in enumerate(p.steps):
         pair = _qdq_pair(p, st, readers, keep, const)
