@@ -9,13 +9,16 @@ anywhere in the workspace (the working directory included).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import onnx
 import onnx.parser
 from onnx import TensorProto, helper
 
 from opc.cli import main
+from opc.pass_api import Pass
 
 TINY = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -169,3 +172,13 @@ def nested_if_bytes(depth: int) -> bytes:
         inner_len = len(prefix) + inner_len + len(else_part)
     model = onnx.ModelProto(ir_version=8, opset_import=[helper.make_opsetid("", 17)])
     return b"".join([model.SerializeToString(), head(7, inner_len), *reversed(prefixes), leaf("deep"), *suffixes])
+
+
+@dataclass
+class Explode(Pass):
+    """A pass that raises: register it as ``hostile_helpers:Explode`` to test failure paths."""
+
+    name: ClassVar[str] = "explode"
+
+    def run(self, graph, ctx):
+        raise RuntimeError("injected fault")

@@ -9,9 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -23,22 +21,13 @@ import opc.ir
 from hostile_helpers import SENTINEL, Workspace, model_with, snapshot, tiny_model, vi
 from opc.ir import load_model, save_model
 from opc.ort import make_session
-from opc.pass_api import Pass
-
-
-@dataclass
-class Explode(Pass):
-    name: ClassVar[str] = "explode"
-
-    def run(self, graph, ctx):
-        raise RuntimeError("injected fault")
 
 
 @pytest.fixture
 def ws(tmp_path, capsys, monkeypatch):
     from opc import registry
 
-    monkeypatch.setitem(registry.PASSES, "explode", f"{__name__}:Explode")
+    monkeypatch.setitem(registry.PASSES, "explode", "hostile_helpers:Explode")
     monkeypatch.chdir(tmp_path)
     return Workspace(tmp_path, capsys)
 
