@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from opc.ort import seeded_feeds
+
 LIGHT_DIR = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
 LIGHT_MODELS = sorted(f[:-5] for f in os.listdir(LIGHT_DIR) if f.startswith("light_") and f.endswith(".onnx")) if os.path.isdir(LIGHT_DIR) else []
 
@@ -49,15 +51,7 @@ def light_model(name: str, randomize: bool = True, seed: int = 0) -> onnx.ModelP
 
 
 def light_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    inits = {t.name for t in model.graph.initializer}
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for i in model.graph.input:
-        if i.name in inits:
-            continue
-        shape = [d.dim_value or 1 for d in i.type.tensor_type.shape.dim]
-        feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
-    return feeds
+    return seeded_feeds(model, seed=seed)  # light models: fixed-shape float32 inputs
 
 
 def make_model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelProto:
