@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from opc.runtime.registry import const_input, kernel
-from opc.runtime.xp import is_numpy
+from opc.runtime.xp import is_numpy, to_host
 
 
 def _act(xp, name, alpha, beta):
@@ -77,7 +77,7 @@ def _run_dirs(node, xp, x, lens, dirs, seq, batch, H, cell, layout, states):
     direction = node.a("direction", "forward")
     ys = xp.zeros((seq, dirs, batch, H), dtype=x.dtype)
     finals = []
-    lens_h = np.full(batch, seq) if lens is None else np.asarray(lens.get() if hasattr(lens, "get") else lens)
+    lens_h = np.full(batch, seq) if lens is None else to_host(lens)
     for d in range(dirs):
         reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
         state = states[d]
