@@ -119,8 +119,9 @@ def _erf(xp, node):
 
 # erf(x) ~ x P(x^2) / Q(x^2), fitted on [-4, 4]: a rational
 # least-squares fit made for this runtime (Chebyshev nodes, reweighted by 1/Q; max abs error
-# 4e-7 evaluated in float32, relative 5e-7). SciPy's erf runs 5-10 ns an element (double
-# cephes, branches); these 23 ufunc passes over a chunk in cache are 2-10x faster.
+# 4e-7 evaluated in float32, relative 5e-7). SciPy's erf (double cephes, branches) took 17 ns an
+# element, these 23 ufunc passes over a chunk in cache 1.9 ns (64K and 1M float32 inputs,
+# NumPy on 2 shared CPU cores).
 ERF_P = (1.1283788443192004, 0.20891050796977387, 0.05175733080317897, 0.004076948359282198,
          0.00015023926308742924, -1.9699344275221006e-06, 1.933625284617886e-08)
 ERF_Q = (1.0, 0.5184713087182182, 0.11870899401939339, 0.015115662783029934, 0.0010452371026511045)
