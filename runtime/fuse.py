@@ -233,9 +233,19 @@ __device__ __forceinline__ double opc_nan() { return __longlong_as_double(0x7ff8
 _CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double", np.dtype(bool): "bool"}
 _CUPY_TYPE = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64", np.dtype(bool): "bool",
               np.dtype(np.int64): "int64", np.dtype(np.int32): "int32"}
-_UNARY_C = {"Tanh": "tanh", "Erf": "erf", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Abs": "fabs",
-            "Floor": "floor", "Ceil": "ceil", "Sin": "sin", "Cos": "cos"}
-_BINARY_C = {"Add": "+", "Sub": "-", "Mul": "*", "Div": "/"}
+# op -> CUDA expression: {0}, {1}, {2} are the operands, {ct} the member's C type. Ops with
+# attributes (LeakyRelu, HardSigmoid, Clip) are written in _cuda_expr.
+_EXPR_C = {
+    "Add": "({0} + {1})", "Sub": "({0} - {1})", "Mul": "({0} * {1})", "Div": "({0} / {1})",
+    "Pow": "pow({0}, {ct}({1}))", "Max": "opc_max({0}, {1})", "Min": "opc_min({0}, {1})",
+    "Tanh": "tanh({0})", "Erf": "erf({0})", "Exp": "exp({0})", "Log": "log({0})",
+    "Sqrt": "sqrt({0})", "Abs": "fabs({0})", "Floor": "floor({0})", "Ceil": "ceil({0})",
+    "Sin": "sin({0})", "Cos": "cos({0})",
+    "Relu": "opc_max({0}, {ct}(0))", "Neg": "(-{0})", "Reciprocal": "({ct}(1) / {0})",
+    "Sigmoid": "({ct}(1) / ({ct}(1) + exp(-{0})))",
+    "HardSwish": "({0} * opc_min(opc_max({0} / {ct}(6) + {ct}(0.5), {ct}(0)), {ct}(1)))",
+    "Cast": "{ct}({0})", "Where": "opc_where({0}, {1}, {2})",
+}
 
 
 def literal(v: float, ct: str) -> str:
@@ -276,31 +286,13 @@ def cuda_source(group: Group, ext_dtypes) -> tuple[str, str, str] | None:
 
 def _cuda_expr(m: Member, a, ct: str) -> str:
     op = m.op
-    if op in _BINARY_C:
-        return f"({a(0)} {_BINARY_C[op]} {a(1)})"
-    if op in _UNARY_C:
-        return f"{_UNARY_C[op]}({a(0)})"
-    if op == "Pow":
-        return f"pow({a(0)}, {ct}({a(1)}))"
-    if op == "Max":
-        return f"opc_max({a(0)}, {a(1)})"
-    if op == "Min":
-        return f"opc_min({a(0)}, {a(1)})"
-    if op == "Relu":
-        return f"opc_max({a(0)}, {ct}(0))"
-    if op == "Neg":
-        return f"(-{a(0)})"
-    if op == "Reciprocal":
-        return f"({ct}(1) / {a(0)})"
-    if op == "Sigmoid":
-        return f"({ct}(1) / ({ct}(1) + exp(-{a(0)})))"
+    if op in _EXPR_C:
+        return _EXPR_C[op].format(*(a(k) for k in range(len(m.args))), ct=ct)
     if op == "LeakyRelu":
         return f"opc_leaky({a(0)}, {literal(m.node.a('alpha', 0.01), ct)})"
     if op == "HardSigmoid":
         alpha, beta = literal(m.node.a("alpha", 0.2), ct), literal(m.node.a("beta", 0.5), ct)
         return f"opc_min(opc_max({a(0)} * {alpha} + {beta}, {ct}(0)), {ct}(1))"
-    if op == "HardSwish":
-        return f"({a(0)} * opc_min(opc_max({a(0)} / {ct}(6) + {ct}(0.5), {ct}(0)), {ct}(1)))"
     if op == "Clip":
         x = a(0)
         for k, key, f in ((1, "min", "opc_max"), (2, "max", "opc_min")):
@@ -309,10 +301,6 @@ def _cuda_expr(m: Member, a, ct: str) -> str:
             elif m.node.a(key) is not None:
                 x = f"{f}({x}, {literal(m.node.a(key), ct)})"
         return x
-    if op == "Cast":
-        return f"{ct}({a(0)})"
-    if op == "Where":
-        return f"opc_where({a(0)}, {a(1)}, {a(2)})"
     raise AssertionError(op)
 
 
