@@ -37,9 +37,9 @@ def test_quantized_model_within_one_step(digits_assets):
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     with np.load(digits_assets["eval"]) as z:
         feeds = {k: z[k][:64] for k in z.files}
-    names = {i.name for i in rt.Session(qmodel, backend="numpy").get_inputs()}
-    feeds = {k: v for k, v in feeds.items() if k in names}
     sess = rt.Session(qmodel, backend="numpy")
+    names = {i.name for i in sess.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in names}
     ref = make_session(qmodel, threads=1).run(None, feeds)
     # one step = the scale of the last activation (per-tensor) DequantizeLinear before the output
     from onnx import numpy_helper
