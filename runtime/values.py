@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 
-_SCALARS = (np.generic, int, float, bool)
-
 
 class Sequence(list):
     """An ONNX sequence: its tensors in order. Kernels never modify one in place."""
@@ -31,13 +29,6 @@ def is_host_object(v) -> bool:
 def is_tensor(v, xp) -> bool:
     """A numeric (or bool) array of the backend: a value the arena may hold."""
     return isinstance(v, xp.ndarray) and v.dtype.kind not in "OUS"
-
-
-def as_value(xp, v):
-    """A kernel result as the plan stores it: scalars become arrays, non-tensors pass as they are."""
-    if isinstance(v, _SCALARS):
-        return xp.asarray(v)
-    return v
 
 
 def feed_value(xp, v):
