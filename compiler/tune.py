@@ -1135,6 +1135,18 @@ def _final_choice(search: "_Search", evaluator: "Evaluator", feasible: list[Tria
     return best, timed
 
 
+def check_search_options(objective: str, max_drop: float, trials: int, strategy: str) -> None:
+    """Usage errors for the search options shared by ``tune`` and ``opc tune``."""
+    if objective not in OBJECTIVES:
+        raise UsageError(f"--objective {objective!r}: expected latency or size")
+    if not (max_drop >= 0 and math.isfinite(max_drop)):
+        raise UsageError(f"--max-drop {max_drop!r}: expected a number >= 0")
+    if trials < 1:
+        raise UsageError(f"--trials {trials}: at least 1 trial is needed")
+    if strategy not in STRATEGIES:
+        raise UsageError(f"--strategy {strategy!r}: expected {' or '.join(STRATEGIES)}")
+
+
 def tune(model: onnx.ModelProto | str | Path, calibration, eval_data, *, labels=None, metric: str = "top1",
          max_drop: float = 0.01, trials: int = 20, objective: str = "latency", seed: int = 0,
          runner: TrialRunner | None = None, log: str | Path | None = None, on_result=None,
@@ -1151,14 +1163,7 @@ def tune(model: onnx.ModelProto | str | Path, calibration, eval_data, *, labels=
     from opc.data import CalibrationData
     from opc.ir import as_model
 
-    if objective not in OBJECTIVES:
-        raise UsageError(f"--objective {objective!r}: expected latency or size")
-    if not (max_drop >= 0 and math.isfinite(max_drop)):
-        raise UsageError(f"--max-drop {max_drop!r}: expected a number >= 0")
-    if trials < 1:
-        raise UsageError(f"--trials {trials}: at least 1 trial is needed")
-    if strategy not in STRATEGIES:
-        raise UsageError(f"--strategy {strategy!r}: expected {' or '.join(STRATEGIES)}")
+    check_search_options(objective, max_drop, trials, strategy)
     resolve_metric(metric)  # usage errors before any work
     source, _ = as_model(model)
     calib = calibration if isinstance(calibration, CalibrationData) else CalibrationData.load(calibration, source)
@@ -1241,14 +1246,7 @@ def run_cli(model_path: Path, output: Path, calibration_data: Path, eval_data: P
     from opc.ir import load_model, save_model
     from opc.trials import make_runner
 
-    if objective not in OBJECTIVES:
-        raise UsageError(f"--objective {objective!r}: expected latency or size")
-    if not (max_drop >= 0 and math.isfinite(max_drop)):
-        raise UsageError(f"--max-drop {max_drop}: expected a number >= 0")
-    if trials < 1:
-        raise UsageError(f"--trials {trials}: at least 1")
-    if strategy not in STRATEGIES:
-        raise UsageError(f"--strategy {strategy!r}: expected {' or '.join(STRATEGIES)}")
+    check_search_options(objective, max_drop, trials, strategy)
     if repeats < 1 or latency_batch < 1:
         raise UsageError("--repeats and --latency-batch must be >= 1")
     if output.exists() and output.is_dir():
