@@ -207,8 +207,9 @@ def ort_latency(model_or_path, feeds: dict[str, np.ndarray] | None = None, *, th
 def ort_cpu_latency(model_or_path, feeds: dict[str, np.ndarray] | None = None, **kwargs) -> dict[str, Any]:
     """``ort_latency`` as the CPU time of ONNX Runtime's single thread (threads=1).
 
-    On this shared 2-core machine, mobilenetv2 batch 1 measured 7.2-7.6 ms wall and CPU
-    alone, but 23.9 ms wall vs 7.5-7.7 ms CPU with two competing busy processes.
+    Why: on this shared 2-core machine an informal check (not recorded in results/) read
+    mobilenetv2 batch 1 at 7.2-7.6 ms wall and CPU alone, but 23.9 ms wall vs 7.5-7.7 ms
+    CPU with two competing busy processes.
     """
     kwargs["threads"] = 1
     return ort_latency(model_or_path, feeds, clock="cpu", **kwargs)

@@ -206,8 +206,9 @@ def interleaved_latency(rows, models, ev, threads, repeats):
     which other jobs on the machine do not inflate; with more threads, wall time.
 
     Each variant gets two sessions, created in forward and in reverse order, used on even
-    and odd rounds: on this machine the session created first ran ~3% slower than an
-    identical later one (efficientnet-lite0 batch 32), which would favour whichever
+    and odd rounds: in an informal check on this machine (not recorded in results/) the
+    session created first ran ~3% slower than an identical later one (efficientnet-lite0
+    batch 32), which would favour whichever
     quantizer is listed last. A variant's latency is the mean of its two sessions' medians.
     """
     from opc.ort import latency_clock, make_session

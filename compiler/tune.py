@@ -491,8 +491,9 @@ def fallback_order(model: onnx.ModelProto, table: list[dict] | None) -> list[str
     First the last layers (no table layer downstream), then the first ones (no table layer
     upstream): a table of accumulated errors cannot rank them (a global pooling before the
     classifier averages the upstream noise away, so the classifier looks harmless), yet they
-    are the classic sensitive ones (measured on MobileNetV2 with seeded weights: its
-    classifier Gemm alone costs a 1.4% cosine drop, its 32 deepest Convs together 0.01%).
+    are the classic sensitive ones (MobileNetV2 with seeded weights, recorded in
+    benchmarks/results/tune-mobilenetv2.jsonl: keeping only its classifier Gemm in float
+    takes the cosine drop of full int8 from 0.026 to 0.015).
     Then the rest by their own share of the error: the quantize table gives each layer's
     output SQNR against the float model, accumulated over every quantized layer upstream,
     so a layer's share is the dB it loses against the worst of its nearest table
