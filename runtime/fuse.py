@@ -32,7 +32,7 @@ import numpy as np
 from opc.runtime import registry
 from opc.runtime.arena import align
 from opc.runtime.registry import Node
-from opc.runtime.xp import is_numpy
+from opc.runtime.xp import is_numpy, load_host
 
 FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 FUSED_OP = "FusedElementwise"
@@ -276,7 +276,7 @@ def cuda_source(group: Group, ext_dtypes) -> tuple[str, str, str] | None:
                 return f"x{v}"
             if kind == "t":
                 return f"t{v}"
-            return literal(np.asarray(_host(v)).reshape(-1)[0], ct)
+            return literal(load_host(v).reshape(-1)[0], ct)
         lines.append(f"const {ct} t{j} = {_cuda_expr(m, a, ct)};")
     lines.append(f"y = t{len(group.members) - 1};")
     in_params = ", ".join(f"{_CUPY_TYPE[d]} x{k}" for k, d in enumerate(ext_dtypes))
@@ -303,10 +303,6 @@ def _cuda_expr(m: Member, a, ct: str) -> str:
         return x
     raise AssertionError(op)
 
-
-def _host(v):
-    get = getattr(v, "get", None)
-    return get() if get is not None else v
 
 
 # -- NumPy executor ---------------------------------------------------------------------

@@ -11,6 +11,7 @@ import numpy as np
 
 from opc.runtime import k_nn
 from opc.runtime.registry import kernel, np_dtype, out_if
+from opc.runtime.xp import load_host
 
 _INT_TYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32)
 
@@ -90,7 +91,7 @@ def fake_quant(node, xp, scale, zp, dtype, fallback):
     fused step keeps NaN."""
     info = np.iinfo(dtype)
     axis = node.a("axis", 1)
-    zpf = np.zeros((), np.float32) if zp is None else np.asarray(_host(zp)).astype(np.float32)
+    zpf = np.zeros((), np.float32) if zp is None else load_host(zp).astype(np.float32)
     lo_h, hi_h = np.float32(info.min) - zpf, np.float32(info.max) - zpf
     per_tensor = scale.size == 1
     if per_tensor:
@@ -120,10 +121,6 @@ def fake_quant(node, xp, scale, zp, dtype, fallback):
         return o
     return run
 
-
-def _host(a):
-    get = getattr(a, "get", None)
-    return get() if get is not None else a
 
 
 @kernel("DynamicQuantizeLinear")

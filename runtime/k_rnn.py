@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from opc.runtime.registry import const_input, kernel
-from opc.runtime.xp import is_numpy, to_host
+from opc.runtime.xp import is_numpy, load_host, to_host
 
 
 def _act(xp, name, alpha, beta):
@@ -387,7 +387,7 @@ def fuse_stacked_lstm(p, graph_outputs: set[int]) -> int:
         if len(sq.ins) > 1 and sq.ins[1] >= 0:
             if sq.ins[1] not in p.consts:
                 return None
-            axes = [int(a) for a in np.asarray(_host(p.consts[sq.ins[1]])).reshape(-1)]
+            axes = [int(a) for a in load_host(p.consts[sq.ins[1]]).reshape(-1)]
         else:
             axes = list(sq.node.a("axes") or [])
         q = sq.outs[0]
@@ -433,10 +433,6 @@ def fuse_stacked_lstm(p, graph_outputs: set[int]) -> int:
     p.steps = [replace.get(i, st) for i, st in enumerate(p.steps) if i not in drop]
     return len(drop)
 
-
-def _host(a):
-    get = getattr(a, "get", None)
-    return get() if get is not None else a
 
 
 def _stacked_lstm(node, xp, L):

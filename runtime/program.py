@@ -22,7 +22,7 @@ from opc.runtime.fuse import fuse_elementwise
 from opc.runtime.k_quant import FAKE_QUANT_OP, FAKE_QUANT_TYPES, fake_quant
 from opc.runtime.registry import KERNELS, Node, attr_value
 from opc.runtime.values import feed_value, is_host_object
-from opc.runtime.xp import register_host, unregister_host
+from opc.runtime.xp import load_host, register_host, unregister_host
 
 _CONTROL_GRAPH_ATTRS = ("then_branch", "else_branch", "body")
 
@@ -283,7 +283,7 @@ def _fuse_activations(p: Program, graph_outputs: set[int]) -> None:
                 if k < len(act.ins) and act.ins[k] >= 0:
                     if act.ins[k] not in p.consts:
                         break
-                    bounds.append(float(np.asarray(_host(p.consts[act.ins[k]])).reshape(-1)[0]))
+                    bounds.append(float(load_host(p.consts[act.ins[k]]).reshape(-1)[0]))
                 else:
                     v = act.node.a(key)
                     bounds.append(None if v is None else float(v))
@@ -393,16 +393,16 @@ def _qdq_pair(p: Program, st, readers, keep: set[int], const: set[int]):
     if any(s < 0 or s not in const for s in st.ins[1:] + dq.ins[1:]):
         return None
     qs, ds = p.consts[st.ins[1]], p.consts[dq.ins[1]]
-    hs = np.asarray(_host(qs))
-    if hs.dtype != np.float32 or not _same(hs, _host(ds)) or not (np.isfinite(hs).all() and (hs > 0).all()):
+    hs = load_host(qs)
+    if hs.dtype != np.float32 or not _same(hs, load_host(ds)) or not (np.isfinite(hs).all() and (hs > 0).all()):
         return None
     if hs.size > 1 and (hs.ndim != 1 or n.a("axis", 1) != d.a("axis", 1)):
         return None
     zp = None
     if len(st.ins) == 3:
         zp = p.consts[st.ins[2]]
-        hz = np.asarray(_host(zp))
-        if not _same(hz, _host(p.consts[dq.ins[2]])) or hz.size != hs.size:
+        hz = load_host(zp)
+        if not _same(hz, load_host(p.consts[dq.ins[2]])) or hz.size != hs.size:
             return None
         dtype = hz.dtype
     else:
@@ -443,10 +443,6 @@ def _matmul_post(p: Program, st, out: int, w):
         return (_MATMUL_POST[n.op_type], c)
     return None
 
-
-def _host(a):
-    get = getattr(a, "get", None)
-    return get() if get is not None else a
 
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",

@@ -80,6 +80,13 @@ def set_sync_hook(fn) -> None:
     _SYNC_HOOK = fn
 
 
+def load_host(a) -> np.ndarray:
+    """A host copy made while loading or planning (a constant's value), outside any run: not
+    reported to the sync hook and not looked up among the run-time host mirrors."""
+    get = getattr(a, "get", None)
+    return np.asarray(get() if get is not None else a)
+
+
 def to_host(a) -> np.ndarray:
     """An array as NumPy (a copy from the device for CuPy arrays; the remembered host copy for
     values registered with ``register_host``)."""
